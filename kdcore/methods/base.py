@@ -1,0 +1,341 @@
+"""The interface every method implements, and the training loop, prediction and persistence they share.
+
+A method is a small estimator: ``create_method(name, **params)`` validates its parameters at once,
+``fit(dataset)`` trains it on normal images, ``predict(x)`` returns raw anomaly maps and image scores, and
+``save``/``kdcore.load`` round-trip it bit for bit. A subclass supplies the network (teacher, students and the
+map they produce) and, when it needs more than one optimiser, its own ``training_step``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from kdcore import calibration, data
+from kdcore.backbones import DEFAULT_BACKBONE, Backbone, WeightsInfo
+
+FORMAT_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda")
+# Percentile of the normal hold-out scores used as the threshold until QA saves one.
+DEFAULT_THRESHOLD_PERCENTILE = 99.0
+
+
+@dataclass
+class MethodConfig:
+    """Parameters shared by all methods; each method extends this with its own fields and defaults."""
+
+    size: int = 256
+    epochs: int = 10
+    batch_size: int = 8
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.size, int) or self.size < 64 or self.size % 32:
+            raise ValueError(f"size must be a multiple of 32 and at least 64, got {self.size!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ValueError("weights must be 'default', 'imagenet', 'none' or a path to a weights file")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """What ``fit`` reports after every optimisation step (and once more after each hold-out check)."""
+
+    step: int
+    total_steps: int
+    epoch: int  # 1-based
+    epochs: int
+    loss: float
+    elapsed_seconds: float
+    eta_seconds: float
+    holdout_score: float | None = None  # mean normal hold-out score, set on the report that ends an epoch
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+StopCallback = Callable[[], bool]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _library_versions() -> dict[str, str]:
+    import timm
+    from kdcore import __version__
+    return {"kdcore": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+class AnomalyMethod:
+    """Base class of all methods. Subclasses set ``name``, ``Config`` and implement ``build_network``.
+
+    The network a subclass builds must provide ``loss(x) -> scalar`` (unless the subclass overrides
+    ``training_step``) and ``anomaly_map(x) -> N×1×S×S``, the raw map at input resolution.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""  # one line shown to users next to the registry name
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # Keep the epoch whose normal hold-out has the lowest mean score; a method whose teacher also trains
+    # (so that low scores can mean collapse) turns this off and keeps the last epoch.
+    select_on_holdout: ClassVar[bool] = True
+
+    def __init__(self, **params):
+        valid = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid: {sorted(valid)}")
+        self.config = self.Config(**params)
+        self.device = resolve_device(self.config.device)
+        self.net: nn.Module | None = None
+        self.teacher_weights: WeightsInfo | None = None
+        self.calibration: dict | None = None
+        self.threshold: dict | None = None
+        self.training_info: dict = {}
+        self._mean = self._std = None
+
+    # ----------------------------------------------------------------- subclass hooks
+    def build_network(self, backbone: Backbone) -> nn.Module:
+        """The method's network around the (frozen, pretrained) ``backbone``."""
+        raise NotImplementedError
+
+    def teacher_strides(self) -> tuple[int, ...]:
+        return (4, 8, 16)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def setup_training(self, train_images: torch.Tensor) -> None:
+        """Called once before the first step with the uint8 training images (N×3×S×S); e.g. for statistics."""
+
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
+        """One update on the normalised batch ``x``; returns the loss. Default: one optimiser, ``net.loss``."""
+        (optimizer,) = optimizers
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.net.loss(x)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def finish_training(self, holdout_images: torch.Tensor) -> None:
+        """Called after the best state is restored, before calibration; e.g. to fit map normalisation."""
+
+    # ----------------------------------------------------------------- building
+    def _build(self, teacher_weights: str) -> None:
+        torch.manual_seed(self.config.seed)
+        backbone = Backbone(self.config.backbone, self.teacher_strides(), teacher_weights)
+        self.teacher_weights = backbone.weights_info
+        self._mean = torch.tensor(backbone.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(backbone.std, device=self.device).view(1, 3, 1, 1)
+        self.net = self.build_network(backbone).to(self.device)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.calibration is not None
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError(f"method '{self.name}' is not fitted: call fit() or kdcore.load() first")
+
+    def _autocast(self):
+        # bfloat16 needs no loss scaling, which keeps one training path for CPU and GPU.
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- input handling
+    def _normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = images_u8.to(self.device, non_blocking=True).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    def _to_uint8_tensor(self, images: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        """PIL images (any mode and size) → normalised float tensor N×3×S×S on the model's device."""
+        if self._mean is None:
+            raise RuntimeError(f"method '{self.name}' is not fitted: call fit() or kdcore.load() first")
+        arrays = np.stack([data.prepare_image(image, self.config.size) for image in images])
+        return self._normalize(self._to_uint8_tensor(arrays))
+
+    def preprocess_paths(self, paths: Iterable[str | Path]) -> torch.Tensor:
+        return self._normalize(self._to_uint8_tensor(data.read_images(list(paths), self.config.size)))
+
+    # ----------------------------------------------------------------- prediction
+    def predict(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Raw anomaly maps N×S×S (float32, input resolution) and image scores N (max of each map)."""
+        self._require_fitted()
+        maps = self._maps(x, batch_size)
+        return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
+
+    def _maps(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        self.net.eval()
+        chunks = []
+        with torch.inference_mode(), self._autocast():
+            for chunk in x.split(batch_size):
+                chunks.append(self.net.anomaly_map(chunk.to(self.device, non_blocking=True)).float()[:, 0].cpu())
+        return torch.cat(chunks)
+
+    def _holdout_scores(self, holdout_u8: torch.Tensor) -> np.ndarray:
+        scores = [self._maps(self._normalize(chunk), 32).amax(dim=(1, 2)) for chunk in holdout_u8.split(32)]
+        return torch.cat(scores).numpy()
+
+    # ----------------------------------------------------------------- training
+    def fit(self, dataset: data.AnomalyDataset | str | Path, progress: ProgressCallback | None = None,
+            should_stop: StopCallback | None = None) -> "AnomalyMethod":
+        """Train on the dataset's normal training images; the hold-out selects the epoch and calibrates.
+
+        ``progress`` is called after every step; ``should_stop()`` returning true ends training cleanly with
+        the best state seen so far (the current one is checked on the hold-out first).
+        """
+        if not isinstance(dataset, data.AnomalyDataset):
+            dataset = data.load_dataset(dataset)
+        self._build(self.config.weights)
+        size = self.config.size
+        train_u8 = self._to_uint8_tensor(data.read_images(dataset.train, size))
+        holdout_u8 = self._to_uint8_tensor(data.read_images(dataset.holdout, size))
+        self.net.train()
+        self.setup_training(train_u8)
+        optimizers = self.configure_optimizers()
+
+        batch_size = min(self.config.batch_size, len(train_u8))
+        steps_per_epoch = len(train_u8) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
+        total_steps = steps_per_epoch * self.config.epochs
+        generator = torch.Generator().manual_seed(self.config.seed)
+        start = time.perf_counter()
+        step, loss, stopped = 0, float("nan"), False
+        best_score, best_state, best_epoch = math.inf, None, 0
+
+        for epoch in range(1, self.config.epochs + 1):
+            self.net.train()
+            order = torch.randperm(len(train_u8), generator=generator)
+            for batch_index in range(steps_per_epoch):
+                batch = train_u8[order[batch_index * batch_size:(batch_index + 1) * batch_size]]
+                with self._autocast():
+                    loss = self.training_step(self._normalize(batch), optimizers)
+                step += 1
+                if progress is not None:
+                    progress(self._progress(step, total_steps, epoch, loss, start))
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+            holdout_scores = self._holdout_scores(holdout_u8)
+            holdout_mean = float(holdout_scores.mean())
+            if progress is not None:
+                progress(self._progress(step, total_steps, epoch, loss, start, holdout_mean))
+            if not self.select_on_holdout or holdout_mean < best_score:
+                best_score, best_epoch = holdout_mean, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+            if stopped:
+                break
+
+        self.net.load_state_dict(best_state)
+        self.finish_training(holdout_u8)
+        self._calibrate(self._holdout_scores(holdout_u8))
+        self.training_info = {
+            "seconds": round(time.perf_counter() - start, 3), "steps": step, "epochs_run": epoch,
+            "best_epoch": best_epoch, "stopped_early": stopped, "n_train": len(train_u8),
+            "n_holdout": len(holdout_u8), "device": self.device.type, "dataset": str(dataset.root),
+        }
+        return self
+
+    def _progress(self, step, total_steps, epoch, loss, start, holdout_score=None) -> TrainProgress:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / step * (total_steps - step) if step else math.nan
+        return TrainProgress(step, total_steps, epoch, self.config.epochs, loss, elapsed, eta, holdout_score)
+
+    # ----------------------------------------------------------------- calibration
+    def _calibrate(self, holdout_scores: np.ndarray) -> None:
+        self.calibration = calibration.summarize_scores(holdout_scores)
+        value = calibration.threshold_from_percentile(holdout_scores, DEFAULT_THRESHOLD_PERCENTILE)
+        self.set_threshold(value, mode="percentile", parameter=DEFAULT_THRESHOLD_PERCENTILE)
+
+    def set_threshold(self, value: float, mode: str = "score", parameter: float | None = None) -> None:
+        """Set the image threshold (NG iff score > value); ``mode``/``parameter`` record how it was chosen."""
+        if not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value!r}")
+        self.threshold = {"value": float(value), "mode": mode, "parameter": parameter,
+                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write config, all weights, teacher identity, calibration and versions to one file, atomically."""
+        self._require_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format_version": FORMAT_VERSION, "method": self.name, "config": dataclasses.asdict(self.config),
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "teacher_weights": self.teacher_weights.as_dict(), "calibration": self.calibration,
+            "threshold": self.threshold, "training": self.training_info, "versions": _library_versions(),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def _from_payload(cls, payload: dict, device: str) -> "AnomalyMethod":
+        method = cls(**{**payload["config"], "device": device})
+        # The saved state holds the teacher too, so rebuild without fetching weights and load them all.
+        method._build(teacher_weights="none")
+        method.net.load_state_dict(payload["state_dict"], strict=True)
+        method.teacher_weights = WeightsInfo(**payload["teacher_weights"])
+        method.calibration = payload["calibration"]
+        method.threshold = payload["threshold"]
+        method.training_info = payload.get("training", {})
+        method.net.eval()
+        return method
+
+
+def load(path: str | Path, device: str = "auto") -> AnomalyMethod:
+    """Load a model written by ``save``; the maps match the saved model's bit for bit on the same device."""
+    from kdcore.registry import get_method_class
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a kdcore model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or "method" not in payload or "format_version" not in payload:
+        raise ValueError(f"{path} is not a kdcore model file")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer kdcore (format {payload['format_version']})")
+    return get_method_class(payload["method"])._from_payload(payload, device)

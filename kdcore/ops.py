@@ -1,0 +1,63 @@
+"""Tensor operations shared by the methods: feature discrepancies, level fusion and map smoothing."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel ``1 - cos`` between two N×C×H×W feature maps, as N×1×H×W, computed in float32."""
+    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1).unsqueeze(1)
+
+
+def flattened_cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``1 - cos`` between each sample's whole flattened feature maps (RD4AD code)."""
+    return (1.0 - F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)).mean()
+
+
+def normalized_sq_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel ``||a/|a| - b/|b|||^2`` over channels (STPM), as N×1×H×W in float32."""
+    diff = F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)
+    return diff.pow(2).sum(dim=1, keepdim=True)
+
+
+def upsample(level_map: torch.Tensor, size: int, align_corners: bool = False) -> torch.Tensor:
+    return F.interpolate(level_map, size=(size, size), mode="bilinear", align_corners=align_corners)
+
+
+def fuse_levels(level_maps: list[torch.Tensor], size: int, mode: str, align_corners: bool = False) -> torch.Tensor:
+    """Upsample N×1×h×w level maps to ``size`` and combine them by ``"sum"`` or ``"product"`` → N×1×size×size."""
+    fused = upsample(level_maps[0], size, align_corners)
+    for level_map in level_maps[1:]:
+        up = upsample(level_map, size, align_corners)
+        fused = fused + up if mode == "sum" else fused * up
+    return fused
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian with anomalib's size ``2 * int(4 * sigma + 0.5) + 1``."""
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+class GaussianBlur(nn.Module):
+    """Gaussian smoothing of N×1×H×W maps as two fixed 1-D convolutions.
+
+    A plain convolution with a constant kernel (not a data-dependent one) keeps the model exportable to ONNX,
+    where anomalib's kornia blur failed. Borders replicate the edge value, which is defined for any map size.
+    """
+
+    def __init__(self, sigma: float = 4.0):
+        super().__init__()
+        kernel = gaussian_kernel1d(sigma)
+        self.radius = kernel.numel() // 2
+        self.register_buffer("kernel_h", kernel.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("kernel_v", kernel.view(1, 1, -1, 1), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        r = self.radius
+        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="replicate"), self.kernel_h.to(maps.dtype))
+        return F.conv2d(F.pad(maps, (0, 0, r, r), mode="replicate"), self.kernel_v.to(maps.dtype))

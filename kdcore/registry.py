@@ -1,0 +1,41 @@
+"""Method registry: each method module registers its class under a short name, as timm does for models."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdcore.methods.base import AnomalyMethod
+
+_METHODS: dict[str, type["AnomalyMethod"]] = {}
+
+
+def register_method(cls: type["AnomalyMethod"]) -> type["AnomalyMethod"]:
+    """Class decorator: make ``cls`` available to ``create_method(cls.name)``."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method name '{cls.name}' is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Registry names of every available method, in registration order."""
+    _import_builtin_methods()
+    return list(_METHODS)
+
+
+def get_method_class(name: str) -> type["AnomalyMethod"]:
+    _import_builtin_methods()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}'; available: {', '.join(_METHODS)}") from None
+
+
+def create_method(name: str, **params) -> "AnomalyMethod":
+    """A new, unfitted method; ``params`` are validated at once (unknown names and bad values raise ValueError)."""
+    return get_method_class(name)(**params)
+
+
+def _import_builtin_methods() -> None:
+    # Imported lazily so that `import kdcore` stays cheap and free of import cycles.
+    import kdcore.methods  # noqa: F401  (each module registers itself on import)
