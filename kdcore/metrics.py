@@ -43,10 +43,10 @@ def image_auroc(labels, scores) -> float:
 def pixel_auroc(masks, maps) -> float:
     """Area under the ROC curve over all pixels of all images pooled together.
 
-    ``masks``: N×H×W bool (or 0/1), ``maps``: N×H×W scores. Exact: equal scores
-    form one ROC point, as in scikit-learn's ``roc_auc_score``, but without its
-    float64 copies of every pixel. Raises ValueError unless there are both defect
-    and background pixels.
+    ``masks``: N×H×W bool (or 0/1), ``maps``: N×H×W scores. Exact and equal to
+    scikit-learn's ``roc_auc_score`` on the flattened pixels (tied scores count as
+    half a correct ranking), at a fraction of its memory. Raises ValueError unless
+    there are both defect and background pixels.
     """
     masks, maps = _masks_and_maps(masks, maps)
     n_defect = int(np.count_nonzero(masks))
@@ -56,19 +56,21 @@ def pixel_auroc(masks, maps) -> float:
             f"pixel AUROC needs both defect and background pixels; "
             f"got {n_defect} defect and {n_background} background"
         )
-    flat_masks = masks.ravel()
-    order, run_ends = _descending_runs(maps.ravel())
-    true_pos = np.cumsum(flat_masks[order], dtype=np.int64)[run_ends]
-    false_pos = run_ends + 1 - true_pos
-    tpr = np.concatenate(([0.0], true_pos / n_defect))
-    fpr = np.concatenate(([0.0], false_pos / n_background))
-    return float(np.trapezoid(tpr, fpr))
+    flat_masks, flat_maps = masks.ravel(), maps.ravel()
+    # The ROC area is the Mann-Whitney statistic: the fraction of (defect, background)
+    # pairs where the defect pixel scores higher, ties counting 1/2. Counting them by
+    # binary search in the sorted background scores needs no per-pixel index arrays.
+    background = np.sort(flat_maps[~flat_masks])
+    defect = flat_maps[flat_masks]
+    below = int(np.searchsorted(background, defect, side="left").sum())
+    not_above = int(np.searchsorted(background, defect, side="right").sum())
+    return (below + not_above) / (2 * n_defect * n_background)
 
 
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     """Normalised area under the per-region-overlap (PRO) curve up to ``fpr_limit``.
 
-    Exact dataset-level algorithm (as in anomalib):
+    Exact, dataset-level (the MVTec AD definition, as in anomalib):
 
     * Defect regions are the connected components of the masks, 4-connectivity
       (pixels sharing an edge; diagonal neighbours are separate regions), labelled
@@ -94,19 +96,22 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     if n_background == 0:
         raise ValueError("AU-PRO needs background pixels; every mask pixel is a defect")
 
-    flat_regions = regions.ravel()
+    flat_regions, flat_maps = regions.ravel(), maps.ravel()
     # Each pixel of region r carries 1/|r|, background 0, so the cumulative sum over
     # the positive pixels is the sum of per-region overlap fractions.
     inverse_size = np.zeros(n_regions + 1)
     inverse_size[1:] = 1.0 / np.bincount(flat_regions)[1:]
-    order, run_ends = _descending_runs(maps.ravel())
-    weights = inverse_size[flat_regions[order]]
-    pro = np.cumsum(weights, out=weights)[run_ends] / n_regions
-    del weights
-    false_pos = run_ends + 1 - np.cumsum(masks.ravel()[order], dtype=np.int64)[run_ends]
-    fpr = false_pos / n_background
-    area = _area_up_to(np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro)), fpr_limit)
-    return float(area / fpr_limit)
+    # Pixels below the cut score only shape the curve beyond fpr_limit: dropping them
+    # before sorting saves most of the time and memory for the usual limit of 0.3.
+    kept = flat_maps >= _cut_score(flat_maps[flat_regions == 0], fpr_limit)
+    _, run_ends, sorted_regions = _sort_descending(flat_maps[kept], flat_regions[kept])
+    weights = inverse_size[sorted_regions]
+    pro = np.cumsum(weights, out=weights)[run_ends]
+    pro /= n_regions
+    del weights  # the largest temporary: free it before the FPR cumulative sum
+    fpr = np.cumsum(sorted_regions == 0, dtype=np.float64)[run_ends]
+    fpr /= n_background
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
 def f1_max(labels, scores) -> tuple[float, float]:
@@ -121,12 +126,11 @@ def f1_max(labels, scores) -> tuple[float, float]:
     """
     labels, scores = _labels_and_scores(labels, scores)
     _require_both_classes(labels, "F1-max")
-    order, run_ends = _descending_runs(scores)
-    true_pos = np.cumsum(labels[order], dtype=np.int64)[run_ends]
+    sorted_scores, run_ends, sorted_labels = _sort_descending(scores, labels)
+    true_pos = np.cumsum(sorted_labels, dtype=np.int64)[run_ends]
     # F1 = 2TP / (2TP + FP + FN) = 2TP / (predicted positives + actual positives).
     f1 = 2.0 * true_pos / (run_ends + 1 + np.count_nonzero(labels))
     best = int(np.argmax(f1))
-    sorted_scores = scores[order]
     lowest_ng = sorted_scores[run_ends[best]]
     if best + 1 == run_ends.size:
         threshold = lowest_ng - 1e-6 * max(1.0, abs(lowest_ng))
@@ -152,14 +156,15 @@ def evaluate(labels, scores, masks=None, maps=None) -> dict:
 
     Keys: ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max``, ``aupr``,
     ``n_images``, ``n_defective``. ``f1_max`` and ``aupr`` are image-level (get the
-    F1 threshold from :func:`f1_max`). The pixel keys are None when no masks are
-    given or no mask has a defect pixel. ``masks`` and ``maps`` go together, one
-    N×H×W slice per image in the order of ``labels``. Raises ValueError unless both
-    image classes are present.
+    F1 threshold from :func:`f1_max`). The pixel keys are None when ``masks`` is
+    None (``maps`` is then ignored, so image-level-only sets can pass their maps
+    anyway) or no mask has a defect pixel. Masks and maps hold one N×H×W slice per
+    image, in the order of ``labels``. Raises ValueError unless both image classes
+    are present, or if masks come without maps.
     """
     labels, scores = _labels_and_scores(labels, scores)
-    if (masks is None) != (maps is None):
-        raise ValueError("masks and maps must be given together (or neither)")
+    if masks is not None and maps is None:
+        raise ValueError("pixel metrics need maps along with the masks")
     pixel_auroc_value = aupro_value = None
     if masks is not None:
         masks, maps = _masks_and_maps(masks, maps)
@@ -181,34 +186,55 @@ def evaluate(labels, scores, masks=None, maps=None) -> dict:
     }
 
 
-def _descending_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order (descending) of a 1-D array and the last sorted index of each run
-    of equal values.
+def _cut_score(background_scores: np.ndarray, fpr_limit: float) -> float:
+    """Highest score s such that the background pixels scoring >= s are more than
+    ``fpr_limit`` of all (or all of them).
 
-    Cumulative sums taken in ``order`` and sampled at ``run_ends`` give one curve
-    point per distinct threshold: no threshold can split equal values, so the order
+    Every threshold whose FPR is at most ``fpr_limit``, and the first one beyond it
+    (needed to interpolate the cut), is therefore >= s.
+    """
+    n = background_scores.size
+    n_needed = min(n, int(np.ceil(fpr_limit * n)) + 1)
+    # Selection is O(n); sorting all background scores would be O(n log n).
+    return float(np.partition(background_scores, n - n_needed)[n - n_needed])
+
+
+def _sort_descending(
+    scores: np.ndarray, carried: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``scores`` sorted descending, the last index of each run of equal scores in
+    that order, and ``carried`` (same length) reordered alongside.
+
+    Cumulative sums over the sorted arrays sampled at the run ends give one curve
+    point per distinct threshold: no threshold can split equal scores, so the order
     within a run must not matter.
     """
     # Reversing a view avoids negating (and copying) tens of millions of pixels.
-    order = np.argsort(values)[::-1]
-    sorted_values = values[order]
-    run_ends = np.flatnonzero(sorted_values[1:] != sorted_values[:-1])
-    return order, np.append(run_ends, values.size - 1)
+    order = np.argsort(scores)[::-1]
+    sorted_scores = scores[order]
+    is_run_end = np.empty(scores.size, dtype=bool)
+    np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=is_run_end[:-1])
+    is_run_end[-1] = True
+    return sorted_scores, np.flatnonzero(is_run_end), carried[order]
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
-    """Trapezoid area under the polyline through (x, y) from x[0] to ``x_limit``.
+    """Trapezoid area under the polyline from (0, 0) through the points (x, y), up
+    to ``x_limit`` > 0.
 
-    ``x`` is non-decreasing and reaches ``x_limit``; the last segment is cut at
-    ``x_limit`` by linear interpolation.
+    ``x`` is non-decreasing and reaches ``x_limit``; the segment crossing
+    ``x_limit`` is cut there by linear interpolation.
     """
     cut = int(np.searchsorted(x, x_limit, side="left"))
+    x_before, y_before = (x[cut - 1], y[cut - 1]) if cut else (0.0, 0.0)
     if x[cut] == x_limit:
         y_limit = y[cut]
     else:
-        fraction = (x_limit - x[cut - 1]) / (x[cut] - x[cut - 1])
-        y_limit = y[cut - 1] + fraction * (y[cut] - y[cut - 1])
-    return float(np.trapezoid(np.append(y[:cut], y_limit), np.append(x[:cut], x_limit)))
+        fraction = (x_limit - x_before) / (x[cut] - x_before)
+        y_limit = y_before + fraction * (y[cut] - y_before)
+    xs = np.concatenate(([0.0], x[:cut], [x_limit]))
+    ys = np.concatenate(([0.0], y[:cut], [y_limit]))
+    return float(np.trapezoid(ys, xs))
 
 
 def _labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +281,7 @@ def _as_binary(values, name: str) -> np.ndarray:
 
 
 def _require_both_classes(labels: np.ndarray, metric: str) -> None:
+    """Raise ValueError naming ``metric`` unless both image classes are present."""
     n_defective = int(np.count_nonzero(labels))
     if n_defective == 0 or n_defective == labels.size:
         raise ValueError(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from kdcore.metrics import aupr, aupro, evaluate, f1_max, image_auroc, pixel_auroc
@@ -214,6 +215,40 @@ def test_aupro_regions_never_span_images():
     assert aupro(masks, maps) == pytest.approx(0.575)
 
 
+def _reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
+    """AU-PRO straight from its definition, one threshold at a time."""
+    regions = []
+    for image_mask, image_map in zip(masks, maps):
+        labelled, n = ndimage.label(image_mask)
+        regions += [(image_map, labelled == r) for r in range(1, n + 1)]
+    background = maps[~masks]
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        fpr = np.mean(background >= t)
+        pro = np.mean([np.mean(image_map[region] >= t) for image_map, region in regions])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:
+            y1 = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+@pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 0.5, 1.0])
+def test_aupro_matches_definition_on_random_tied_maps(fpr_limit):
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        masks = rng.random((3, 6, 6)) < 0.3
+        masks[0] = False  # a normal image
+        maps = rng.integers(0, 6, masks.shape) + masks * rng.integers(0, 3, masks.shape)
+        expected = _reference_aupro(masks, maps, fpr_limit)
+        assert aupro(masks, maps, fpr_limit) == pytest.approx(expected)
+
+
 def test_aupro_errors():
     with pytest.raises(ValueError, match="defect region"):
         aupro(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3)))
@@ -267,6 +302,9 @@ def test_evaluate_keys_and_values():
 
 def test_evaluate_without_pixel_metrics():
     assert evaluate(LABELS, SCORES)["pixel_auroc"] is None
+    # Image-level-only sets pass their maps without masks: no pixel metrics.
+    result = evaluate(LABELS, SCORES, None, np.zeros((6, 2, 2)))
+    assert result["pixel_auroc"] is None and result["aupro"] is None
     empty = np.zeros((6, 2, 2), dtype=bool)
     result = evaluate(LABELS, SCORES, empty, np.zeros((6, 2, 2)))
     assert result["pixel_auroc"] is None and result["aupro"] is None
@@ -274,7 +312,7 @@ def test_evaluate_without_pixel_metrics():
 
 
 def test_evaluate_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="together"):
+    with pytest.raises(ValueError, match="need maps"):
         evaluate(LABELS, SCORES, masks=np.zeros((6, 2, 2), bool))
     with pytest.raises(ValueError, match="hold 2 images but labels 6"):
         evaluate(LABELS, SCORES, PRO_MASKS, PRO_MAPS)

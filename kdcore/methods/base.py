@@ -89,8 +89,8 @@ def resolve_device(name: str) -> torch.device:
 def _library_versions() -> dict[str, str]:
     import timm
     from kdcore import __version__
-    return {"kdcore": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {"kdcore": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "numpy": str(np.__version__), "python": platform.python_version()}
 
 
 class AnomalyMethod:

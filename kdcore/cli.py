@@ -1,0 +1,229 @@
+"""Command line: ``python -m kdcore train|evaluate|predict|methods``.
+
+Errors the user can act on (bad data, bad parameters, missing files) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from kdcore import calibration, data, visualize
+from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
+from kdcore.evaluation import evaluate_model, predict_paths
+from kdcore.registry import create_method, get_method_class, list_methods
+
+METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO@0.3",
+                 "f1_max": "image F1-max", "aupr": "image AUPR"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; reported as one line."""
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _method_params(args: argparse.Namespace) -> dict:
+    params = {"size": args.size, "backbone": args.backbone, "weights": args.weights,
+              "device": args.device, "seed": args.seed}
+    if args.epochs is not None:
+        params["epochs"] = args.epochs
+    if args.batch_size is not None:
+        params["batch_size"] = args.batch_size
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got '{item}'")
+        params[key.replace("-", "_")] = _parse_value(value)
+    return params
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    method = create_method(args.method, **_method_params(args))
+    dataset = data.load_dataset(args.data, holdout_fraction=args.holdout)
+    print(dataset.summary())
+    for path, reason in dataset.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        if stop_requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        stop_requested = True
+        tqdm.write("stopping after this step; the best model so far will be saved (Ctrl-C again to abort)")
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet)
+
+    def on_progress(p):
+        bar.total = p.total_steps
+        bar.n = p.step
+        postfix = {"epoch": f"{p.epoch}/{p.epochs}", "loss": f"{p.loss:.4f}"}
+        if p.holdout_score is not None:
+            postfix["holdout"] = f"{p.holdout_score:.4g}"
+        bar.set_postfix(postfix, refresh=True)
+
+    try:
+        method.fit(dataset, progress=on_progress, should_stop=lambda: stop_requested)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    out = method.save(args.out)
+    info = method.training_info
+    print(f"saved {out} ({args.method}, best epoch {info['best_epoch']}/{info['epochs_run']}, "
+          f"{info['seconds']:.1f} s, threshold {method.threshold['value']:.4g})")
+    return 0
+
+
+def _load_model(path: str, device: str):
+    from kdcore.methods.base import load
+    return load(path, device=device)
+
+
+def _format_metric(value) -> str:
+    return "n/a (no masks)" if value is None else f"{value:.4f}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    method = _load_model(args.model, args.device)
+    dataset = data.load_dataset(args.data)
+    with tqdm(total=len(dataset.test), unit="img", disable=args.quiet) as bar:
+        result = evaluate_model(method, dataset, on_chunk=lambda done: bar.update(done - bar.n))
+    print(f"{method.name} on {dataset.root}: {result['n_images']} images, {result['n_defective']} defective")
+    for key, label in METRIC_LABELS.items():
+        print(f"  {label:<13} {_format_metric(result[key])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _expand_paths(items: list[str]) -> list[Path]:
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    return paths
+
+
+def _readable(paths: list[Path]) -> list[Path]:
+    usable = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+            usable.append(path)
+        except Exception as exc:  # any decoder error means the same thing to the user
+            print(f"skipped {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return usable
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    method = _load_model(args.model, args.device)
+    paths = _readable(_expand_paths(args.paths))
+    if not paths:
+        raise UsageError("no readable images among the given paths")
+    with tqdm(total=len(paths), unit="img", disable=args.quiet) as bar:
+        maps, scores = predict_paths(method, paths, on_chunk=lambda done: bar.update(done - bar.n))
+    threshold = method.threshold["value"]
+    rows = [(str(p), float(s), "NG" if s > threshold else "OK") for p, s in zip(paths, scores)]
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "score", "verdict"])
+            writer.writerows(rows)
+    else:
+        for path, score, verdict in rows:
+            print(f"{verdict}  {score:.5g}  {path}")
+    if args.heatmaps:
+        _write_heatmaps(method, paths, maps, Path(args.heatmaps))
+    n_ng = sum(row[2] == "NG" for row in rows)
+    print(f"{len(rows)} images, {n_ng} NG at threshold {threshold:.5g} ({method.threshold['mode']})", file=sys.stderr)
+    return 0
+
+
+def _write_heatmaps(method, paths: list[Path], maps: np.ndarray, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cal = method.calibration
+    for path, anomaly_map in zip(paths, maps):
+        shown = calibration.normalize(anomaly_map, method.threshold["value"], cal["min"], cal["max"])
+        image = data.read_image(path, method.config.size)
+        Image.fromarray(visualize.overlay(image, shown)).save(folder / f"{path.stem}_heatmap.png")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name in list_methods():
+        print(f"{name:<10} {get_method_class(name).summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kdcore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a method on the normal images of a dataset")
+    train.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    train.add_argument("--data", required=True, help="MVTec-layout folder or a plain folder of normal images")
+    train.add_argument("--out", required=True, help="model file to write")
+    train.add_argument("--size", type=int, default=256, help="square input size (multiple of 32)")
+    train.add_argument("--epochs", type=int, help="default: the method's own")
+    train.add_argument("--batch-size", type=int, help="default: the method's own")
+    train.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm CNN with features_only support")
+    train.add_argument("--weights", default="default", help="default|imagenet|none|PATH to a state dict")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--holdout", type=float, default=0.1, help="fraction of normal images held out")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter, e.g. --set lr=0.1")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a model on a dataset's labelled test split")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--json", help="also write the metrics as JSON here")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score images or folders with a model's threshold")
+    predict.add_argument("model")
+    predict.add_argument("paths", nargs="+")
+    predict.add_argument("--csv", help="write path,score,verdict rows here instead of printing them")
+    predict.add_argument("--heatmaps", help="folder for heatmap overlays")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.set_defaults(run=cmd_predict)
+
+    methods = sub.add_parser("methods", help="list the registered methods")
+    methods.set_defaults(run=cmd_methods)
+
+    for command in (train, evaluate, predict):
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, data.DataError, BackboneError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

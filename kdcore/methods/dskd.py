@@ -1,0 +1,140 @@
+"""DSKD-style reimplementation from the paper's abstract: dual-student knowledge distillation
+(Yao and Gao, 2024, arXiv 2402.00448).
+
+Only the abstract is public and no code was found, so this is our reading of it, not the authors' design.
+The abstract describes one frozen pretrained teacher and two students "of the same scale but inverted
+structures" that learn by "pyramid matching" of multi-scale intermediate features and interact through a
+deep-feature (DF) embedding; pixel-wise teacher–student discrepancies, fused across scales, give the map.
+
+Network:
+- Teacher: the frozen ``Backbone`` at strides 4, 8 and 16.
+- Forward student Se: a randomly initialised copy of the teacher's architecture fed the image and matched
+  level by level, as in STPM.
+- DF embedding: Se's deepest level (stride 16) is concatenated with the teacher's and merged back to the
+  teacher's channel count by a 3×3 conv-BN-ReLU; RD's OCBE then fuses this with the teacher's two shallower
+  levels into one stride-32 embedding. This is where the students interact: Sd decodes from what Se has
+  learned of normal images as well as from the teacher.
+- Reverse student Sd: RD's ``ReverseDecoder`` fed the embedding, producing the three levels deep to shallow.
+
+Gradients of Sd's loss flow into Se through the embedding (nothing is detached). The abstract's point is that
+the students learn together ("group discussion") rather than side by side, and Se's own matching loss keeps
+its features tied to the teacher's, so Sd's pull cannot move them far from what the map measures.
+
+Loss ("pyramid matching" for both students): ``sum_levels mean_positions (1 - cos(t, s))`` per pixel, for Se
+and for Sd, added with equal weight. For Se this is STPM's paper loss (½·||t̂ - ŝ||² = 1 - cos); for Sd it is
+RD's paper form rather than RD's code form (cosine of flattened maps), because the abstract speaks of
+pixel-wise matching and the two students' losses then share one scale.
+
+Map: each student's RD-style map (per-level per-pixel ``1 - cos`` summed at input size, align_corners=True,
+Gaussian blur σ = 4), averaged over the two students; blurring is linear, so this is the blurred mean of
+the two summed maps. Image score = max of the map. Model selection as in the base: the epoch with the lowest
+mean normal hold-out score.
+
+Optimiser: one Adam over Se, the embedding and Sd with RD's lr 0.005 and betas (0.5, 0.999); the paper's
+hyper-parameters are not public, and RD's Adam also trains a randomly initialised student well here, while
+STPM's SGD lr 0.4 would be far too large for the decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdcore.backbones import Backbone, create_feature_net
+from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.methods.rd import OCBE, ReverseDecoder, conv_bn_relu, rd_anomaly_map
+from kdcore.ops import GaussianBlur, cosine_distance_map
+from kdcore.registry import register_method
+
+
+class DFEmbedding(nn.Module):
+    """Deep-feature embedding: the forward student's deepest level joins the teacher's pyramid in an OCBE."""
+
+    def __init__(self, channels: tuple[int, int, int], blocks: int):
+        super().__init__()
+        deepest = channels[-1]
+        self.merge = conv_bn_relu(2 * deepest, deepest)
+        self.ocbe = OCBE(channels, blocks)
+        self.out_channels = self.ocbe.out_channels
+
+    def forward(self, teacher_features: list[torch.Tensor], student_deepest: torch.Tensor) -> torch.Tensor:
+        *shallow, deepest = teacher_features
+        return self.ocbe([*shallow, self.merge(torch.cat([deepest, student_deepest], dim=1))])
+
+
+def pyramid_matching_loss(teacher_features, student_features) -> torch.Tensor:
+    """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors."""
+    return sum(cosine_distance_map(t, s).mean() for t, s in zip(teacher_features, student_features))
+
+
+def dskd_anomaly_map(forward_map: torch.Tensor, reverse_map: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (forward_map + reverse_map)
+
+
+class DSKDNetwork(nn.Module):
+    def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int):
+        super().__init__()
+        self.teacher = teacher
+        self.forward_student = create_feature_net(teacher.name, teacher.strides)
+        self.embedding = DFEmbedding(teacher.channels, bottleneck_blocks)
+        self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks)
+        self.blur = GaussianBlur(sigma=4.0)
+        self.size = size
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher, forward-student and reverse-student features, each shallow to deep."""
+        with torch.no_grad():
+            teacher_features = self.teacher(x)
+        forward_features = self.forward_student(x)
+        reverse_features = self.reverse_student(self.embedding(teacher_features, forward_features[-1]))
+        return teacher_features, forward_features, reverse_features
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        teacher_features, forward_features, reverse_features = self.features(x)
+        return (pyramid_matching_loss(teacher_features, forward_features)
+                + pyramid_matching_loss(teacher_features, reverse_features))
+
+    def student_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each student's own smoothed map (Se's, Sd's), at input resolution."""
+        teacher_features, forward_features, reverse_features = self.features(x)
+        return (rd_anomaly_map(teacher_features, forward_features, self.size, self.blur),
+                rd_anomaly_map(teacher_features, reverse_features, self.size, self.blur))
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        return dskd_anomaly_map(*self.student_maps(x))
+
+
+@dataclass
+class DSKDConfig(MethodConfig):
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    bottleneck_blocks: int = 2
+    decoder_blocks: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.bottleneck_blocks < 1 or self.decoder_blocks < 1:
+            raise ValueError("bottleneck_blocks and decoder_blocks must be at least 1")
+        self.betas = tuple(self.betas)
+
+
+@register_method
+class DSKD(AnomalyMethod):
+    name = "dskd"
+    summary = "DSKD-style (2024): forward and reverse students interacting through a deep-feature embedding"
+    Config = DSKDConfig
+
+    def build_network(self, backbone: Backbone) -> nn.Module:
+        c = self.config
+        return DSKDNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        trainable = [p for p in self.net.parameters() if p.requires_grad]  # the teacher is frozen
+        return [torch.optim.Adam(trainable, lr=self.config.lr, betas=self.config.betas)]

@@ -1,0 +1,214 @@
+"""Reverse Distillation with Expert (URD: "Unlocking the Potential of Reverse Distillation", Liu, Wang, Leng,
+Zhang, AAAI 2025, arXiv 2412.07579; official code hito2448/URD).
+
+Plain RD has a frozen teacher that was never told what an anomaly is, and a decoder that sees only a one-class
+bottleneck and so loses fine detail. URD trains the teacher to react to (synthetic) anomalies, keeps a frozen
+copy of the pretrained encoder as an *expert* that anchors it, and gives the student skip connections from the
+teacher, gated so that teacher detail passes only where it agrees with what the decoder reconstructed.
+
+Network:
+- Expert E: the pretrained backbone, frozen. Teacher T: a copy of it, trained. T's BatchNorm layers keep the
+  pretrained running statistics (eval mode; their affine weights train). The official code trains them in
+  train mode; frozen statistics keep T(x) = E(x) at the start, make the normal term's target reachable
+  exactly, and avoid statistics estimated from small batches that mix normal and synthetic images.
+- Student S: RD's OCBE and reverse decoder (``kdcore.methods.rd``) plus skip fusion before each of the two
+  shallower decoder stages, as the official ``Student``: the next-shallower teacher level is average-pooled ×½
+  (equal to the code's bilinear ×½) and 1×1-convolved, added to the teacher level, conv3×3; this skip goes
+  through Guided Information Injection (GII) and conv3×3, is concatenated with the decoder feature, and a
+  conv3×3 gives the next stage's input. S reads the teacher's features of the image it is given.
+- GII, per pixel: ``skip·sim + decoder·(1 - sim)`` with ``sim = cos(decoder, teacher level)`` computed
+  without gradient, so teacher detail enters only where the decoder already agrees with the teacher. The
+  similarity is clamped at 0 (a convex mix): WRN features are post-ReLU so their cosine is never negative,
+  but EfficientNet block outputs are signed. The official ``train.py`` calls ``attn=True``, which routes to
+  ``forward_decoder_wogii`` (plain skips, no gating); we implement GII as the paper describes it.
+
+Losses (alternating, as the official ``train.py``; x a normal batch, x̃ its synthetic-anomaly copy, m the mask,
+all cosines over channels):
+- Teacher (Adam 1e-4): ``Σ_l mean[1 - cos(T(x), E(x))]`` (per pixel) keeps T near E on normal images;
+  ``Σ_l mean|1 - cos(T(x̃), E(x)) - m_l|`` (L1, m_l the mask resized to the level with bilinear
+  align_corners=True and binarised at 0.5) drives T away from the normal expert inside defects only; and the
+  code's ``Σ_l mean_b[1 - cos(flatten T(x̃), flatten E(x̃))]`` keeps T's global response to x̃ near E's.
+- Student (Adam 5e-3), on the teacher's features recomputed after its step and detached: RD's flattened
+  cosine loss of S(T(x)) and of S(T(x̃)) to the *normal* targets T(x) and E(x), four terms summed, so the
+  student learns to reconstruct normal features from defective input.
+Synthetic anomalies: ``kdcore.synthetic_anomalies`` (DRAEM Perlin masks; DTD is not available offline, so
+textures come from other training images or are procedural). The official code also limits masks to the
+object's foreground for object categories; we do not, as kdcore does not know the product's category.
+
+Map: as RD, ``Σ_l (1 - cos(S(T(x)), T(x)))`` per pixel, upsampled (align_corners=True), Gaussian σ = 4;
+image score = max. Length: the code runs 5000 iterations of batch 16; here ``epochs`` sets it.
+
+Model selection: off (``select_on_holdout = False``), the last epoch is kept. The teacher trains, and a teacher
+that drifts toward features the student finds trivially easy (collapse: near-constant or low-rank maps) lowers
+every map, so the lowest normal hold-out score would reward exactly the failure to avoid. The official code
+picked the best epoch by test-set metrics, which we cannot use.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcore.backbones import Backbone
+from kdcore.methods.base import AnomalyMethod
+from kdcore.methods.rd import OCBE, RDConfig, ReverseDecoder, conv_bn_relu, rd_anomaly_map, rd_loss
+from kdcore.ops import GaussianBlur, cosine_distance_map
+from kdcore.registry import register_method
+from kdcore.synthetic_anomalies import synthesize_anomalies
+
+
+# ---------------------------------------------------------------------------------------------------- network
+def guided_injection(skip: torch.Tensor, decoded: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """GII: ``skip·sim + decoded·(1 - sim)``, sim = per-pixel cos(decoded, teacher) clamped at 0, no gradient."""
+    with torch.no_grad():
+        sim = F.cosine_similarity(decoded.float(), teacher.float(), dim=1).clamp_min(0).unsqueeze(1)
+    sim = sim.to(decoded.dtype)
+    return skip * sim + decoded * (1 - sim)
+
+
+class GuidedSkipFusion(nn.Module):
+    """Merges teacher levels l and l-1 into a skip, gates it by GII and fuses it with the decoder's level l."""
+
+    def __init__(self, shallow_channels: int, channels: int):
+        super().__init__()
+        self.down = nn.Sequential(
+            nn.AvgPool2d(2),
+            nn.Conv2d(shallow_channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.merge = conv_bn_relu(channels, channels)
+        self.refine = conv_bn_relu(channels, channels)
+        self.fuse = conv_bn_relu(2 * channels, channels)
+
+    def forward(self, decoded: torch.Tensor, teacher: torch.Tensor, teacher_shallow: torch.Tensor) -> torch.Tensor:
+        skip = self.merge(teacher + self.down(teacher_shallow))
+        injected = self.refine(guided_injection(skip, decoded, teacher))
+        return self.fuse(torch.cat([decoded, injected], dim=1))
+
+
+class SkipStudent(nn.Module):
+    """RD student (OCBE + reverse decoder) with guided skips from the teacher into the two shallower stages."""
+
+    def __init__(self, channels: tuple[int, int, int], bottleneck_blocks: int, decoder_blocks: int):
+        super().__init__()
+        self.bottleneck = OCBE(channels, bottleneck_blocks)
+        self.decoder = ReverseDecoder(channels, self.bottleneck.out_channels, decoder_blocks)
+        # Fusion i follows decoder stage i, which outputs teacher level 2 - i.
+        self.fusions = nn.ModuleList([GuidedSkipFusion(channels[1], channels[2]),
+                                      GuidedSkipFusion(channels[0], channels[1])])
+
+    def forward(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = self.bottleneck(teacher_features)
+        outputs = []
+        for depth, stage in enumerate(self.decoder.stages):
+            x = stage(x)
+            outputs.append(x)
+            if depth < len(self.fusions):
+                level = len(teacher_features) - 1 - depth
+                x = self.fusions[depth](x, teacher_features[level], teacher_features[level - 1])
+        return outputs[::-1]
+
+
+class RDExpertNetwork(nn.Module):
+    def __init__(self, expert: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int):
+        super().__init__()
+        if len(expert.channels) != 3:
+            raise ValueError(f"rd_expert needs exactly three teacher levels, got {len(expert.channels)}")
+        self.expert = expert
+        # A Backbone copy keeps Backbone.train(), which holds BatchNorm in eval mode: see the module notes.
+        self.teacher = copy.deepcopy(expert).requires_grad_(True)
+        self.student = SkipStudent(expert.channels, bottleneck_blocks, decoder_blocks)
+        self.blur = GaussianBlur(sigma=4.0)
+        self.size = size
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        teacher_features = self.teacher(x)
+        return rd_anomaly_map(teacher_features, self.student(teacher_features), self.size, self.blur)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def _mask_at(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    resized = F.interpolate(mask, size=feature.shape[-2:], mode="bilinear", align_corners=True)
+    return (resized >= 0.5).float()
+
+
+def teacher_loss(teacher_normal, teacher_synthetic, expert_normal, expert_synthetic, mask) -> torch.Tensor:
+    """Stay with the expert on normal images, depart from the normal expert exactly inside the defect mask."""
+    normal = sum(cosine_distance_map(t, e).mean() for t, e in zip(teacher_normal, expert_normal))
+    separation = sum(F.l1_loss(cosine_distance_map(t, e), _mask_at(mask, t))
+                     for t, e in zip(teacher_synthetic, expert_normal))
+    return normal + separation + rd_loss(expert_synthetic, teacher_synthetic)
+
+
+def student_loss(student_normal, student_synthetic, teacher_normal, expert_normal) -> torch.Tensor:
+    """Reconstruct the normal teacher and expert features from both the normal and the defective input."""
+    return sum(rd_loss(target, student)
+               for target in (teacher_normal, expert_normal) for student in (student_normal, student_synthetic))
+
+
+# ---------------------------------------------------------------------------------------------------- method
+@dataclass
+class RDExpertConfig(RDConfig):
+    """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``."""
+
+    epochs: int = 30
+    teacher_lr: float = 1e-4
+    image_texture_prob: float = 0.5  # share of synthetic defects textured from another image, else procedural
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher_lr > 0:
+            raise ValueError(f"teacher_lr must be positive, got {self.teacher_lr!r}")
+        if not 0.0 <= self.image_texture_prob <= 1.0:
+            raise ValueError(f"image_texture_prob must be in [0, 1], got {self.image_texture_prob!r}")
+
+
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@register_method
+class RDExpert(AnomalyMethod):
+    name = "rd_expert"
+    summary = "Reverse Distillation with expert (URD, AAAI 2025): trained teacher, guided skips, synthetic defects"
+    Config = RDExpertConfig
+    select_on_holdout = False  # the teacher trains, so low hold-out scores can mean collapse (module notes)
+
+    def build_network(self, backbone: Backbone) -> nn.Module:
+        c = self.config
+        return RDExpertNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        c = self.config
+        return [torch.optim.Adam(self.net.student.parameters(), lr=c.lr, betas=c.betas),
+                torch.optim.Adam(self.net.teacher.parameters(), lr=c.teacher_lr, betas=c.betas)]
+
+    def setup_training(self, train_images: torch.Tensor) -> None:
+        # Its own stream, apart from the base's batch-order generator seeded with the same seed.
+        self._anomaly_generator = torch.Generator().manual_seed(self.config.seed + 1)
+
+    def _synthesize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Defective copies of the normalised batch (synthesis works on [0, 1] images) and their masks."""
+        images = (x.float() * self._std + self._mean).clamp(0, 1)
+        defective, mask = synthesize_anomalies(images, self._anomaly_generator, self.config.image_texture_prob)
+        return (defective - self._mean) / self._std, mask
+
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
+        student_optimizer, teacher_optimizer = optimizers
+        net = self.net
+        x_synthetic, mask = self._synthesize(x)
+        with torch.no_grad():
+            expert_normal, expert_synthetic = net.expert(x), net.expert(x_synthetic)
+        loss_t = teacher_loss(net.teacher(x), net.teacher(x_synthetic), expert_normal, expert_synthetic, mask)
+        _update(teacher_optimizer, loss_t)
+        with torch.no_grad():
+            teacher_normal, teacher_synthetic = net.teacher(x), net.teacher(x_synthetic)
+        loss_s = student_loss(net.student(teacher_normal), net.student(teacher_synthetic), teacher_normal, expert_normal)
+        _update(student_optimizer, loss_s)
+        return float(loss_t.detach() + loss_s.detach())

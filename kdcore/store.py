@@ -1,0 +1,638 @@
+"""The app's durable state: one data directory holding an SQLite database and the files it describes.
+
+Layout of the data directory (``KDCORE_DATA_DIR``, default ``./kdcore_data``)::
+
+    kdcore.sqlite3               datasets, their image manifest, jobs, loss curves, models
+    datasets/<id>/train/good/    normal training images   } the MVTec AD layout, so the folder is
+    datasets/<id>/test/<defect>/ labelled test images     } exactly what ``kdcore.data.load_dataset``
+    datasets/<id>/ground_truth/  masks (<stem>_mask.*)    } and the CLI read
+    datasets/<id>/thumbs/        small JPEGs for the gallery (ignored by load_dataset)
+    models/<id>.pt               trained models (``kdcore.load``)
+    jobs/<id>.log                one log per job
+    worker.lock                  held (flock) by the one running worker; holds its pid
+    worker.log                   stdout/stderr of a worker started by the app
+    tmp/                         staging area: files appear in their final place only by os.replace
+
+Everything the app shows comes from here, never from a browser session, so a reload or a second browser sees
+the same state and the worker (a separate process) and the CLI share it. The database runs in WAL mode so the
+worker's progress writes never block the pages' reads. Every call opens its own short connection: Streamlit
+serves each session from its own thread, and sqlite3 connections must not cross threads.
+
+This module needs neither torch nor streamlit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+DATA_DIR_ENV = "KDCORE_DATA_DIR"
+DEFAULT_DATA_DIR = "kdcore_data"
+GOOD = "good"
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ACTIVE_STATUSES = (QUEUED, RUNNING)
+TRAIN, EVALUATE = "train", "evaluate"
+# A running job whose worker has not written a heartbeat for this long is considered dead (e.g. a frozen
+# process, or a worker on another machine sharing the directory, where the lock cannot tell).
+STALE_HEARTBEAT_SECONDS = 120.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+    split TEXT NOT NULL CHECK (split IN ('train', 'test')),
+    defect TEXT NOT NULL,
+    path TEXT NOT NULL,          -- relative to the dataset folder
+    mask_path TEXT,              -- relative to the dataset folder; defect test images only
+    thumb_path TEXT NOT NULL,    -- relative to the dataset folder
+    sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    source_name TEXT NOT NULL,   -- the name it was uploaded or imported under
+    added_at REAL NOT NULL,
+    UNIQUE (dataset_id, sha256),
+    UNIQUE (dataset_id, path)
+);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER REFERENCES datasets(id) ON DELETE SET NULL,
+    dataset_name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,
+    teacher_weights TEXT NOT NULL,
+    training TEXT NOT NULL,
+    calibration TEXT NOT NULL,
+    threshold TEXT,
+    metrics TEXT,
+    path TEXT NOT NULL,          -- relative to the data directory
+    file_bytes INTEGER NOT NULL,
+    job_id INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('train', 'evaluate')),
+    status TEXT NOT NULL,
+    dataset_id INTEGER REFERENCES datasets(id) ON DELETE SET NULL,
+    dataset_name TEXT NOT NULL,
+    model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,  -- evaluate: its input; train: its result
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    progress REAL NOT NULL DEFAULT 0,
+    epoch INTEGER,
+    epochs INTEGER,
+    loss REAL,
+    eta_seconds REAL,
+    message TEXT NOT NULL DEFAULT '',
+    worker_pid INTEGER,
+    heartbeat_at REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS job_points (
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    loss REAL,
+    holdout_score REAL,
+    elapsed_seconds REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
+CREATE INDEX IF NOT EXISTS images_by_split ON images (dataset_id, split, defect);
+"""
+
+
+class StoreError(ValueError):
+    """A request the store refuses; the message is meant for the user."""
+
+
+# ------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Dataset:
+    id: int
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    dataset_id: int
+    split: str
+    defect: str
+    path: str
+    mask_path: str | None
+    thumb_path: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    source_name: str
+    added_at: float
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image staged under ``tmp/``, checked and ready to be moved into a dataset by ``add_images``."""
+
+    staged: Path            # the staged image file
+    staged_thumb: Path      # its gallery thumbnail
+    staged_mask: Path | None
+    split: str
+    defect: str
+    name: str               # file name to use in the dataset folder (made unique on commit)
+    mask_suffix: str | None
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    source_name: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    status: str
+    dataset_id: int | None
+    dataset_name: str
+    model_id: int | None
+    method: str
+    params: dict
+    cancel_requested: bool
+    stage: str
+    progress: float
+    epoch: int | None
+    epochs: int | None
+    loss: float | None
+    eta_seconds: float | None
+    message: str
+    worker_pid: int | None
+    heartbeat_at: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+@dataclass(frozen=True)
+class Model:
+    id: int
+    dataset_id: int | None
+    dataset_name: str
+    method: str
+    params: dict
+    teacher_weights: dict
+    training: dict
+    calibration: dict
+    threshold: dict | None
+    metrics: dict | None
+    path: str
+    file_bytes: int
+    job_id: int | None
+    created_at: float
+
+
+_JSON_FIELDS = {"params", "teacher_weights", "training", "calibration", "threshold", "metrics"}
+
+
+def _record(cls, row: sqlite3.Row):
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = row[f.name]
+        if f.name in _JSON_FIELDS and value is not None:
+            value = json.loads(value)
+        elif f.name == "cancel_requested":
+            value = bool(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------------- the store
+class Store:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser().resolve() if root is not None else default_data_dir()
+        for sub in ("datasets", "models", "jobs", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "kdcore.sqlite3"
+        with self._connect() as conn:
+            # WAL is a property of the database file: set once, every later connection uses it.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection; the block runs as one transaction (commit on success, else rollback)."""
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys=ON")
+            # NORMAL is safe in WAL mode: a crash loses at most the last commits, never corrupts.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # IMMEDIATE takes the write lock up front, so read-then-write blocks cannot interleave.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        conn = sqlite3.connect(self.db_path, timeout=30.0)
+        try:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------------------- paths and files
+    def dataset_dir(self, dataset_id: int) -> Path:
+        return self.root / "datasets" / str(dataset_id)
+
+    def model_file(self, model: Model) -> Path:
+        return self.root / model.path
+
+    def job_log(self, job_id: int) -> Path:
+        return self.root / "jobs" / f"{job_id}.log"
+
+    def make_tmp_dir(self, prefix: str) -> Path:
+        """A fresh folder under ``tmp/``: on the same file system, so ``os.replace`` out of it is atomic."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "tmp"))
+
+    # ------------------------------------------------------------------------------- datasets
+    def create_dataset(self, name: str) -> Dataset:
+        name = " ".join(name.split())
+        if not name:
+            raise StoreError("give the dataset a name, e.g. the product it shows")
+        with self._connect() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"a dataset named '{name}' already exists")
+            dataset_id = conn.execute("INSERT INTO datasets (name, created_at) VALUES (?, ?)",
+                                      (name, time.time())).lastrowid
+        # train/good exists from the start so that load_dataset always sees the MVTec layout.
+        (self.dataset_dir(dataset_id) / "train" / GOOD).mkdir(parents=True, exist_ok=True)
+        return self.get_dataset(dataset_id)
+
+    def get_dataset(self, dataset_id: int) -> Dataset:
+        rows = self._query("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
+        if not rows:
+            raise StoreError(f"dataset {dataset_id} does not exist (deleted?)")
+        return _record(Dataset, rows[0])
+
+    def list_datasets(self) -> list[Dataset]:
+        return [_record(Dataset, row) for row in self._query("SELECT * FROM datasets ORDER BY name")]
+
+    def delete_dataset(self, dataset_id: int) -> None:
+        """Remove a dataset, its images and files; models trained on it are kept (they are self-contained)."""
+        with self._connect() as conn:
+            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE dataset_id = ? AND status IN (?, ?)",
+                                (dataset_id, *ACTIVE_STATUSES)).fetchone()[0]
+            if busy:
+                raise StoreError(f"{busy} job(s) still use this dataset: wait for them or cancel them first")
+            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+        # Files go after the rows: a crash in between leaves only an unreferenced folder, never a row without files.
+        shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)
+
+    def dataset_counts(self, dataset_id: int) -> dict[tuple[str, str], int]:
+        """Number of images per (split, defect), e.g. {("train", "good"): 120, ("test", "scratch"): 8}."""
+        rows = self._query("SELECT split, defect, COUNT(*) AS n FROM images WHERE dataset_id = ? "
+                           "GROUP BY split, defect ORDER BY split DESC, defect", (dataset_id,))
+        return {(row["split"], row["defect"]): row["n"] for row in rows}
+
+    def list_images(self, dataset_id: int, split: str | None = None, limit: int = -1,
+                    offset: int = 0) -> list[ImageRecord]:
+        where, params = "dataset_id = ?", [dataset_id]
+        if split is not None:
+            where += " AND split = ?"
+            params.append(split)
+        rows = self._query(f"SELECT * FROM images WHERE {where} ORDER BY split DESC, defect, path "
+                           "LIMIT ? OFFSET ?", (*params, limit, offset))
+        return [_record(ImageRecord, row) for row in rows]
+
+    def find_images_by_hash(self, dataset_id: int, hashes: list[str]) -> dict[str, str]:
+        """sha256 → path (in the dataset) for those of ``hashes`` the dataset already holds."""
+        found = {}
+        for start in range(0, len(hashes), 500):  # stay under SQLite's limit on bound parameters
+            chunk = hashes[start:start + 500]
+            rows = self._query(f"SELECT sha256, path FROM images WHERE dataset_id = ? AND sha256 IN "
+                               f"({','.join('?' * len(chunk))})", (dataset_id, *chunk))
+            found.update((row["sha256"], row["path"]) for row in rows)
+        return found
+
+    def defect_mask_state(self, dataset_id: int) -> bool | None:
+        """Whether the dataset's defect images have masks: True, False, or None while it has none."""
+        rows = self._query("SELECT mask_path IS NOT NULL AS masked FROM images "
+                           "WHERE dataset_id = ? AND split = 'test' AND defect != ? LIMIT 1", (dataset_id, GOOD))
+        return bool(rows[0]["masked"]) if rows else None
+
+    def add_images(self, dataset_id: int, images: list[NewImage]) -> list[ImageRecord]:
+        """Move staged images into the dataset folder and record them, all or nothing.
+
+        Hashes already in the dataset are refused by the UNIQUE constraint (callers filter them first).
+        """
+        folder = self.dataset_dir(dataset_id)
+        moved: list[Path] = []
+        try:
+            with self._connect() as conn:
+                if not conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
+                    raise StoreError(f"dataset {dataset_id} does not exist (deleted?)")
+                now = time.time()
+                ids = []
+                for image in images:
+                    rel_image, rel_mask, rel_thumb = self._place(folder, image, moved)
+                    ids.append(conn.execute(
+                        "INSERT INTO images (dataset_id, split, defect, path, mask_path, thumb_path, sha256, bytes, "
+                        "width, height, source_name, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (dataset_id, image.split, image.defect, rel_image, rel_mask, rel_thumb, image.sha256,
+                         image.bytes, image.width, image.height, image.source_name, now)).lastrowid)
+        except BaseException:
+            for path in moved:  # the transaction rolled back: take the files back out too
+                path.unlink(missing_ok=True)
+            raise
+        return [_record(ImageRecord, row) for row in
+                self._query(f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))]
+
+    @staticmethod
+    def _place(folder: Path, image: NewImage, moved: list[Path]) -> tuple[str, str | None, str]:
+        """Move one staged image (and its mask and thumbnail) into ``folder``; relative paths of each."""
+        sub = Path(image.split) / image.defect
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        target = _unique_path(folder / sub / image.name, image.sha256)
+        os.replace(image.staged, target)
+        moved.append(target)
+        rel_mask = None
+        if image.staged_mask is not None:
+            # load_dataset pairs masks by stem: ground_truth/<defect>/<stem>_mask.<ext>
+            mask = folder / "ground_truth" / image.defect / f"{target.stem}_mask{image.mask_suffix}"
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(image.staged_mask, mask)
+            moved.append(mask)
+            rel_mask = mask.relative_to(folder).as_posix()
+        thumb = folder / "thumbs" / f"{image.sha256}.jpg"
+        thumb.parent.mkdir(exist_ok=True)
+        os.replace(image.staged_thumb, thumb)
+        moved.append(thumb)
+        return target.relative_to(folder).as_posix(), rel_mask, thumb.relative_to(folder).as_posix()
+
+    # ------------------------------------------------------------------------------- jobs
+    def enqueue_job(self, kind: str, method: str, params: dict, dataset_id: int,
+                    model_id: int | None = None) -> Job:
+        dataset = self.get_dataset(dataset_id)
+        with self._connect() as conn:
+            job_id = conn.execute(
+                "INSERT INTO jobs (kind, status, dataset_id, dataset_name, model_id, method, params, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, QUEUED, dataset.id, dataset.name, model_id, method, json.dumps(params), time.time()),
+            ).lastrowid
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: int) -> Job:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise StoreError(f"job {job_id} does not exist")
+        return _record(Job, rows[0])
+
+    def list_jobs(self, kind: str | None = None, limit: int = 50) -> list[Job]:
+        """Newest first."""
+        where, params = ("WHERE kind = ?", (kind,)) if kind else ("", ())
+        rows = self._query(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [_record(Job, row) for row in rows]
+
+    def has_active_jobs(self, kind: str | None = None) -> bool:
+        where, params = ("AND kind = ?", (kind,)) if kind else ("", ())
+        return bool(self._query(f"SELECT 1 FROM jobs WHERE status IN (?, ?) {where} LIMIT 1",
+                                (*ACTIVE_STATUSES, *params)))
+
+    def claim_next_job(self, worker_pid: int) -> Job | None:
+        """Mark the oldest queued job running for this worker and return it (None when the queue is empty)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT id FROM jobs WHERE status = ? ORDER BY id LIMIT 1", (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            conn.execute("UPDATE jobs SET status = ?, stage = 'starting', worker_pid = ?, started_at = ?, "
+                         "heartbeat_at = ? WHERE id = ?", (RUNNING, worker_pid, now, now, row["id"]))
+        return self.get_job(row["id"])
+
+    def report_progress(self, job_id: int, points: list[dict] = (), **fields) -> None:
+        """Update a running job's progress columns (stage, progress, epoch, ...) and append loss-curve points."""
+        allowed = {"stage", "progress", "epoch", "epochs", "loss", "eta_seconds"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"not progress fields: {sorted(unknown)}")
+        with self._connect() as conn:
+            assignments = ", ".join(f"{name} = ?" for name in fields)
+            conn.execute(f"UPDATE jobs SET heartbeat_at = ?{', ' if fields else ''}{assignments} WHERE id = ?",
+                         (time.time(), *fields.values(), job_id))
+            conn.executemany(
+                "INSERT INTO job_points (job_id, step, epoch, loss, holdout_score, elapsed_seconds) "
+                "VALUES (:job_id, :step, :epoch, :loss, :holdout_score, :elapsed_seconds)",
+                [{"job_id": job_id, **point} for point in points])
+
+    def heartbeat(self, job_id: int) -> None:
+        self.report_progress(job_id)
+
+    def job_points(self, job_id: int) -> list[dict]:
+        rows = self._query("SELECT step, epoch, loss, holdout_score, elapsed_seconds FROM job_points "
+                           "WHERE job_id = ? ORDER BY rowid", (job_id,))
+        return [dict(row) for row in rows]
+
+    def request_cancel(self, job_id: int) -> Job:
+        """A queued job is cancelled at once; a running one is flagged and its worker stops it."""
+        with self._connect() as conn:
+            conn.execute("UPDATE jobs SET status = ?, finished_at = ?, message = 'cancelled before it started' "
+                         "WHERE id = ? AND status = ?", (CANCELLED, time.time(), job_id, QUEUED))
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?", (job_id, RUNNING))
+        return self.get_job(job_id)
+
+    def cancel_requested(self, job_id: int) -> bool:
+        rows = self._query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        return bool(rows and rows[0]["cancel_requested"])
+
+    def finish_job(self, job_id: int, status: str, message: str = "", model_id: int | None = None) -> bool:
+        """End a running job; False if it is no longer running (e.g. already declared dead)."""
+        with self._connect() as conn:
+            return self._finish(conn, job_id, status, message, model_id)
+
+    @staticmethod
+    def _finish(conn: sqlite3.Connection, job_id: int, status: str, message: str, model_id: int | None) -> bool:
+        if status not in (DONE, FAILED, CANCELLED):
+            raise ValueError(f"not a final status: {status!r}")
+        progress = ", progress = 1" if status == DONE else ""
+        changed = conn.execute(
+            f"UPDATE jobs SET status = ?, message = ?, model_id = COALESCE(?, model_id), finished_at = ?, "
+            f"stage = ?{progress} WHERE id = ? AND status = ?",
+            (status, message, model_id, time.time(), status, job_id, RUNNING)).rowcount
+        return changed == 1
+
+    def fail_orphaned_jobs(self) -> list[Job]:
+        """Mark failed every running job whose worker is gone; returns them. Called at app start and by workers."""
+        now = time.time()
+        live_pid = self.worker_pid()
+        orphaned = []
+        with self._connect() as conn:
+            for row in conn.execute("SELECT * FROM jobs WHERE status = ?", (RUNNING,)).fetchall():
+                job = _record(Job, row)
+                if job.worker_pid != live_pid:
+                    reason = f"the worker process (pid {job.worker_pid}) stopped while the job was running"
+                elif job.heartbeat_at is None or now - job.heartbeat_at > STALE_HEARTBEAT_SECONDS:
+                    reason = (f"the worker process (pid {job.worker_pid}) sent no heartbeat for "
+                              f"{now - (job.heartbeat_at or job.started_at):.0f} s")
+                else:
+                    continue
+                self._finish(conn, job.id, FAILED, reason + "; see its log", None)
+                orphaned.append(job)
+        return orphaned
+
+    # ------------------------------------------------------------------------------- models
+    def register_model(self, job_id: int, staged_file: Path, record: dict) -> Model | None:
+        """Move a freshly trained model into ``models/`` and finish its job as done, in one transaction.
+
+        ``record`` holds the Model fields method, params, teacher_weights, training, calibration, threshold.
+        Returns None, and leaves ``models/`` untouched, if the job is no longer running (cancelled or
+        declared dead meanwhile): a job that did not succeed never replaces or adds a model.
+        """
+        job = self.get_job(job_id)
+        final: Path | None = None
+        try:
+            with self._connect() as conn:
+                model_id = conn.execute(
+                    "INSERT INTO models (dataset_id, dataset_name, method, params, teacher_weights, training, "
+                    "calibration, threshold, path, file_bytes, job_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?)",
+                    (job.dataset_id, job.dataset_name, record["method"], json.dumps(record["params"]),
+                     json.dumps(record["teacher_weights"]), json.dumps(record["training"]),
+                     json.dumps(record["calibration"]), json.dumps(record["threshold"]),
+                     staged_file.stat().st_size, job_id, time.time())).lastrowid
+                final = self.root / "models" / f"{model_id}.pt"
+                conn.execute("UPDATE models SET path = ? WHERE id = ?", (final.relative_to(self.root).as_posix(),
+                                                                       model_id))
+                if not self._finish(conn, job_id, DONE, f"model {model_id} saved", model_id):
+                    raise _JobGone
+                os.replace(staged_file, final)
+        except _JobGone:
+            return None
+        except BaseException:
+            if final is not None:
+                final.unlink(missing_ok=True)
+            raise
+        return self.get_model(model_id)
+
+    def get_model(self, model_id: int) -> Model:
+        rows = self._query("SELECT * FROM models WHERE id = ?", (model_id,))
+        if not rows:
+            raise StoreError(f"model {model_id} does not exist (deleted?)")
+        return _record(Model, rows[0])
+
+    def list_models(self) -> list[Model]:
+        """Newest first."""
+        return [_record(Model, row) for row in self._query("SELECT * FROM models ORDER BY id DESC")]
+
+    def set_model_metrics(self, model_id: int, metrics: dict) -> None:
+        with self._connect() as conn:
+            conn.execute("UPDATE models SET metrics = ? WHERE id = ?", (json.dumps(metrics), model_id))
+
+    def delete_model(self, model_id: int) -> None:
+        model = self.get_model(model_id)
+        with self._connect() as conn:
+            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE model_id = ? AND kind = ? AND status IN (?, ?)",
+                                (model_id, EVALUATE, *ACTIVE_STATUSES)).fetchone()[0]
+            if busy:
+                raise StoreError("an evaluation of this model is queued or running: cancel it first")
+            conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        self.model_file(model).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------- the worker lock
+    @property
+    def worker_lock_path(self) -> Path:
+        return self.root / "worker.lock"
+
+    @contextlib.contextmanager
+    def hold_worker_lock(self, pid: int) -> Iterator[bool]:
+        """Try to become the one worker of this directory; yields whether it succeeded.
+
+        An flock dies with its process, so a killed worker can never leave a stale lock behind.
+        """
+        with open(self.worker_lock_path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(pid))
+            fh.flush()
+            try:
+                yield True
+            finally:
+                fh.truncate(0)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def worker_pid(self) -> int | None:
+        """Pid of the worker holding the lock, or None if no worker is running."""
+        try:
+            fh = open(self.worker_lock_path, "r")
+        except FileNotFoundError:
+            return None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = fh.read().strip()
+                return int(text) if text.isdigit() else -1  # -1: locked, pid not written yet
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return None
+
+
+class _JobGone(Exception):
+    """Raised inside register_model's transaction to roll it back."""
+
+
+def _unique_path(path: Path, sha256: str) -> Path:
+    """``path``, or ``<stem>_<hash prefix><suffix>`` when another image already has that name."""
+    if not path.exists():
+        return path
+    return path.with_name(f"{path.stem}_{sha256[:10]}{path.suffix}")

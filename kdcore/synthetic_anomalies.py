@@ -1,0 +1,132 @@
+"""DRAEM-style synthetic anomalies for training on normal images only (Zavrtanik et al., ICCV 2021).
+
+A defect region is a thresholded Perlin-noise map: 2-D Perlin noise with a random lattice of 2^a × 2^b cells
+(a, b uniform in {0..5}), rotated by a random angle in [-90°, 90°], above 0.5. DRAEM and URD fill the region
+with a DTD texture image; no texture data set is available offline here, so each region is filled, with equal
+odds by default, either
+
+- with *another image of the batch*, geometrically and photometrically disturbed (random rotation, zoom and
+  shift with reflected borders; random gain, offset and inversion), so the texture is realistic but foreign, or
+- with a *procedural texture*: fractal Perlin noise (three octaves) mapped between two random colours.
+
+Blending follows DRAEM and URD: ``x̃ = x·(1 - m) + m·((1 - β)·texture + β·x)`` with β ~ U(0, 0.8) per image.
+Unlike DRAEM (which leaves half the images clean) every synthetic image gets a non-empty defect, as URD does
+with ``aug_prob = 1``; maps that came out empty are redrawn.
+
+Everything works on batches of float images in [0, 1] on the batch's device. All random numbers come from
+the caller's CPU ``torch.Generator``, so a seed gives the same anomalies on every device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MAX_MASK_REDRAWS = 100
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
+
+
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(size: int, res: torch.Tensor, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Gradient noise N×S×S in about [-1, 1]; ``res`` (N×2 integers) is each map's lattice (rows, columns)."""
+    n = res.shape[0]
+    cells = int(res.max()) + 1
+    angles = 2 * math.pi * torch.rand(n, cells, cells, generator=generator)
+    gradients = torch.stack((angles.cos(), angles.sin()), dim=-1).to(device)  # N×L×L×2
+    steps = torch.arange(size, dtype=torch.float32, device=device) / size
+    pos_y = steps[None, :] * res[:, 0:1].to(device)  # N×S, lattice coordinates of each row
+    pos_x = steps[None, :] * res[:, 1:2].to(device)
+    cell_y, cell_x = pos_y.long(), pos_x.long()
+    fy, fx = (pos_y - cell_y)[:, :, None], (pos_x - cell_x)[:, None, :]
+    batch = torch.arange(n, device=device)[:, None, None]
+
+    def corner(dy: int, dx: int) -> torch.Tensor:
+        g = gradients[batch, (cell_y + dy)[:, :, None], (cell_x + dx)[:, None, :]]  # N×S×S×2
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    ty, tx = _fade(fy), _fade(fx)
+    top = torch.lerp(corner(0, 0), corner(1, 0), ty)
+    bottom = torch.lerp(corner(0, 1), corner(1, 1), ty)
+    return math.sqrt(2) * torch.lerp(top, bottom, tx)
+
+
+def _random_lattices(n: int, max_exponent: int, generator: torch.Generator) -> torch.Tensor:
+    return 2 ** torch.randint(0, max_exponent + 1, (n, 2), generator=generator)
+
+
+def _affine(images: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor, shifts: torch.Tensor,
+            padding_mode: str) -> torch.Tensor:
+    """Sample ``images`` through a rotation by ``angles`` (radians) scaled by ``scales`` and shifted by ``shifts``."""
+    cos, sin = angles.cos() * scales, angles.sin() * scales
+    theta = torch.stack((torch.stack((cos, -sin, shifts[:, 0]), 1), torch.stack((sin, cos, shifts[:, 1]), 1)), 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def perlin_masks(n: int, size: int, generator: torch.Generator, device: torch.device | str = "cpu",
+                 threshold: float = 0.5) -> torch.Tensor:
+    """N×1×S×S binary float masks, each non-empty: rotated Perlin noise (lattice 1..32 cells a side) > threshold."""
+    device = torch.device(device)
+    masks = torch.empty(n, 1, size, size, device=device)
+    todo = torch.arange(n)
+    for _ in range(MAX_MASK_REDRAWS):
+        k = len(todo)
+        noise = perlin_noise(size, _random_lattices(k, 5, generator), generator, device)[:, None]
+        angles = _uniform(k, -math.pi / 2, math.pi / 2, generator, device)
+        noise = _affine(noise, angles, torch.ones(k, device=device), torch.zeros(k, 2, device=device), "zeros")
+        drawn = (noise > threshold).float()
+        masks[todo.to(device)] = drawn
+        todo = todo[(drawn.flatten(1).amax(1) == 0).cpu()]
+        if len(todo) == 0:
+            return masks
+    raise RuntimeError(f"no non-empty Perlin mask in {MAX_MASK_REDRAWS} draws; threshold {threshold} is too high")
+
+
+def procedural_textures(n: int, size: int, generator: torch.Generator,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """N×3×S×S textures in [0, 1]: three octaves of Perlin noise, stretched between two random colours."""
+    device = torch.device(device)
+    base = _random_lattices(n, 3, generator)
+    noise = sum(0.5 ** octave * perlin_noise(size, base * 2 ** octave, generator, device) for octave in range(3))
+    low, high = noise.amin(dim=(1, 2), keepdim=True), noise.amax(dim=(1, 2), keepdim=True)
+    level = ((noise - low) / (high - low).clamp_min(1e-6))[:, None]
+    colours = torch.rand(2, n, 3, 1, 1, generator=generator).to(device)
+    return torch.lerp(colours[0], colours[1], level)
+
+
+def foreign_image_textures(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each image another one of the batch (itself if alone), rotated, zoomed, shifted and re-coloured."""
+    n, device = images.shape[0], images.device
+    offset = int(torch.randint(1, n, (1,), generator=generator)) if n > 1 else 0
+    sources = images.roll(offset, dims=0)
+    angles = _uniform(n, 0, 2 * math.pi, generator, device)
+    scales = _uniform(n, 0.5, 1.0, generator, device)  # below 1 zooms in, magnifying the texture
+    shifts = _uniform(2 * n, -0.5, 0.5, generator, device).view(n, 2)
+    textures = _affine(sources, angles, scales, shifts, "reflection")
+    # Same-product texture can look normal; a strong photometric change makes it a defect.
+    gains = _uniform(n, 0.5, 2.0, generator, device).view(n, 1, 1, 1)
+    offsets = _uniform(n, -0.3, 0.3, generator, device).view(n, 1, 1, 1)
+    textures = ((textures - 0.5) * gains + 0.5 + offsets).clamp(0, 1)
+    invert = (torch.rand(n, generator=generator) < 0.5).to(device).view(n, 1, 1, 1)
+    return torch.where(invert, 1 - textures, textures)
+
+
+def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, image_texture_prob: float = 0.5,
+                         max_beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Defective copies of N×3×S×S images in [0, 1] and their N×1×S×S binary masks (see the module notes)."""
+    n, size, device = images.shape[0], images.shape[-1], images.device
+    images = images.float()
+    masks = perlin_masks(n, size, generator, device)
+    use_image = (torch.rand(n, generator=generator) < image_texture_prob).to(device).view(n, 1, 1, 1)
+    textures = torch.where(use_image, foreign_image_textures(images, generator),
+                           procedural_textures(n, size, generator, device))
+    beta = _uniform(n, 0.0, max_beta, generator, device).view(n, 1, 1, 1)
+    fill = (1 - beta) * textures + beta * images
+    return images * (1 - masks) + fill * masks, masks
