@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kdcore import calibration, data, visualize
+from kdcore import worker as kdcore_worker
 from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
 from kdcore.evaluation import evaluate_model, predict_paths
 from kdcore.registry import create_method, get_method_class, list_methods
@@ -211,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.set_defaults(run=cmd_methods)
+
+    worker = sub.add_parser("worker", help="run the web app's queued training and evaluation jobs")
+    kdcore_worker.add_arguments(worker)
+    worker.set_defaults(run=kdcore_worker.command)
 
     for command in (train, evaluate, predict):
         command.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 DATA_DIR_ENV = "KDCORE_DATA_DIR"
 DEFAULT_DATA_DIR = "kdcore_data"
@@ -251,10 +252,13 @@ class Store:
         for sub in ("datasets", "models", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "kdcore.sqlite3"
-        with self._connect() as conn:
+        conn = sqlite3.connect(self.db_path, timeout=30.0)
+        try:
             # WAL is a property of the database file: set once, every later connection uses it.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+        finally:
+            conn.close()
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -300,6 +304,13 @@ class Store:
     def make_tmp_dir(self, prefix: str) -> Path:
         """A fresh folder under ``tmp/``: on the same file system, so ``os.replace`` out of it is atomic."""
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "tmp"))
+
+    def clean_tmp(self, older_than_seconds: float = 86400.0) -> None:
+        """Remove staging folders left behind by crashed processes (live ones are far younger)."""
+        cutoff = time.time() - older_than_seconds
+        for path in (self.root / "tmp").iterdir():
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------- datasets
     def create_dataset(self, name: str) -> Dataset:
@@ -440,10 +451,14 @@ class Store:
         rows = self._query(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit))
         return [_record(Job, row) for row in rows]
 
-    def has_active_jobs(self, kind: str | None = None) -> bool:
+    def count_active_jobs(self, kind: str | None = None) -> int:
+        """Jobs queued or running (of ``kind``, if given)."""
         where, params = ("AND kind = ?", (kind,)) if kind else ("", ())
-        return bool(self._query(f"SELECT 1 FROM jobs WHERE status IN (?, ?) {where} LIMIT 1",
-                                (*ACTIVE_STATUSES, *params)))
+        return self._query(f"SELECT COUNT(*) FROM jobs WHERE status IN (?, ?) {where}",
+                           (*ACTIVE_STATUSES, *params))[0][0]
+
+    def has_queued_jobs(self) -> bool:
+        return bool(self._query("SELECT 1 FROM jobs WHERE status = ? LIMIT 1", (QUEUED,)))
 
     def claim_next_job(self, worker_pid: int) -> Job | None:
         """Mark the oldest queued job running for this worker and return it (None when the queue is empty)."""
@@ -456,7 +471,7 @@ class Store:
                          "heartbeat_at = ? WHERE id = ?", (RUNNING, worker_pid, now, now, row["id"]))
         return self.get_job(row["id"])
 
-    def report_progress(self, job_id: int, points: list[dict] = (), **fields) -> None:
+    def report_progress(self, job_id: int, points: Sequence[dict] = (), **fields) -> None:
         """Update a running job's progress columns (stage, progress, epoch, ...) and append loss-curve points."""
         allowed = {"stage", "progress", "epoch", "epochs", "loss", "eta_seconds"}
         unknown = set(fields) - allowed
@@ -473,6 +488,16 @@ class Store:
 
     def heartbeat(self, job_id: int) -> None:
         self.report_progress(job_id)
+
+    def job_log_tail(self, job_id: int, lines: int = 30) -> str:
+        try:
+            with open(self.job_log(job_id), "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 200 * lines))  # logs are line-oriented: ~200 bytes a line is plenty
+                text = fh.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def job_points(self, job_id: int) -> list[dict]:
         rows = self._query("SELECT step, epoch, loss, holdout_score, elapsed_seconds FROM job_points "
@@ -509,10 +534,14 @@ class Store:
 
     def fail_orphaned_jobs(self) -> list[Job]:
         """Mark failed every running job whose worker is gone; returns them. Called at app start and by workers."""
+        if not self._query("SELECT 1 FROM jobs WHERE status = ? LIMIT 1", (RUNNING,)):
+            return []  # the usual case, answered without taking the write lock
         now = time.time()
-        live_pid = self.worker_pid()
         orphaned = []
         with self._connect() as conn:
+            # Looked up inside the write transaction: a worker claims jobs only after taking its lock, so no job
+            # can start between this look and the check below and be mistaken for an orphan.
+            live_pid = self.worker_pid()
             for row in conn.execute("SELECT * FROM jobs WHERE status = ?", (RUNNING,)).fetchall():
                 job = _record(Job, row)
                 if job.worker_pid != live_pid:
@@ -590,17 +619,23 @@ class Store:
         return self.root / "worker.lock"
 
     @contextlib.contextmanager
-    def hold_worker_lock(self, pid: int) -> Iterator[bool]:
+    def hold_worker_lock(self, pid: int, wait_seconds: float = 3.0) -> Iterator[bool]:
         """Try to become the one worker of this directory; yields whether it succeeded.
 
-        An flock dies with its process, so a killed worker can never leave a stale lock behind.
+        An flock dies with its process, so a killed worker never leaves a stale lock behind. It is retried for
+        ``wait_seconds`` because ``worker_pid`` briefly takes a shared lock to look.
         """
         with open(self.worker_lock_path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        yield False
+                        return
+                    time.sleep(0.1)
             fh.seek(0)
             fh.truncate()
             fh.write(str(pid))
@@ -632,7 +667,11 @@ class _JobGone(Exception):
 
 
 def _unique_path(path: Path, sha256: str) -> Path:
-    """``path``, or ``<stem>_<hash prefix><suffix>`` when another image already has that name."""
-    if not path.exists():
+    """``path``, or ``<stem>_<hash prefix><suffix>`` when a file with that stem exists.
+
+    Stems, not names, must be unique: load_dataset pairs images with masks by stem, so ``a.png`` and ``a.jpg``
+    in one folder would share a mask.
+    """
+    if not any(path.parent.glob(glob.escape(path.stem) + ".*")):
         return path
     return path.with_name(f"{path.stem}_{sha256[:10]}{path.suffix}")

@@ -1,0 +1,276 @@
+"""Adding images to a stored dataset: from uploads, zips or server folders, checked before anything is stored.
+
+Every entry point works in two phases. First each candidate file is copied into a staging folder under the
+data directory, hashed and fully decoded (with the same check ``load_dataset`` applies, so an accepted image
+is one training can read). Files that are not images or do not decode, and duplicates, are reported back in
+the :class:`IngestReport`, never raised. Then the accepted files move into the dataset in one step
+(:meth:`Store.add_images`). A whole upload is refused with :class:`RejectedUpload` (nothing stored) only when
+it is unsafe or too large: a zip with absolute or ``..`` member paths, too many members or too many bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterable, Sequence
+
+from PIL import Image, ImageOps
+
+from kdcore import data
+from kdcore.store import GOOD, NewImage, Store
+
+MAX_ZIP_MEMBERS = 20_000
+MAX_ZIP_BYTES = 8 * 1024**3  # total uncompressed size of one zip
+THUMB_SIZE = 160
+_COPY_CHUNK = 1024 * 1024
+_MASK_SUFFIX = "_mask"
+_DEFECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RejectedUpload(ValueError):
+    """The whole upload is refused and nothing was stored; the message says why."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One candidate file: the name the user knows it by, and how to read its bytes."""
+
+    name: str
+    open: Callable[[], BinaryIO]
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix.lower()
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, the file it duplicates)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (name, why it was not added)
+
+    def merge(self, other: "IngestReport") -> None:
+        self.added += other.added
+        self.duplicates += other.duplicates
+        self.problems += other.problems
+
+    def summary(self) -> str:
+        return (f"{len(self.added)} added, {len(self.duplicates)} duplicate(s) skipped, "
+                f"{len(self.problems)} file(s) not usable")
+
+
+# ------------------------------------------------------------------------------------------- sources
+def from_uploads(uploads: Iterable[tuple[str, bytes]]) -> list[SourceFile]:
+    """Uploaded (name, bytes) pairs as source files; each zip is opened and replaced by its members.
+
+    Raises RejectedUpload for an unsafe or oversized zip, before anything is read or stored.
+    """
+    files = []
+    for name, content in uploads:
+        if name.lower().endswith(".zip"):
+            files += _zip_members(name, content)
+        else:
+            files.append(SourceFile(name, lambda content=content: io.BytesIO(content)))
+    return files
+
+
+def _zip_members(zip_name: str, content: bytes) -> list[SourceFile]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(content))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RejectedUpload(f"{zip_name} is not a readable zip file ({exc})") from exc
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise RejectedUpload(f"{zip_name} has {len(infos)} entries; at most {MAX_ZIP_MEMBERS} are accepted")
+    for info in infos:
+        path = PurePosixPath(info.filename.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", info.filename):
+            raise RejectedUpload(f"{zip_name} contains an unsafe path '{info.filename}' (absolute or with '..')")
+    # Declared sizes can be forged, but zipfile stops reading a member at its declared size and then fails its
+    # CRC check, so the declared total really bounds what is read.
+    total = sum(info.file_size for info in infos)
+    if total > MAX_ZIP_BYTES:
+        raise RejectedUpload(f"{zip_name} unpacks to {total / 1024**3:.1f} GiB; "
+                             f"at most {MAX_ZIP_BYTES / 1024**3:.0f} GiB are accepted")
+    return [SourceFile(f"{zip_name}/{info.filename}", lambda info=info: archive.open(info))
+            for info in infos if not info.is_dir() and not _is_system_file(info.filename)]
+
+
+def _is_system_file(name: str) -> bool:
+    # macOS adds __MACOSX/._name copies to every zip; hidden files are ignored by load_dataset too.
+    parts = PurePosixPath(name).parts
+    return parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
+
+
+def from_folder(folder: str | Path) -> list[SourceFile]:
+    """The files directly inside a folder on the server (like load_dataset, sub-folders are not searched)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise RejectedUpload(f"not a folder on the server: {folder}")
+    return [SourceFile(str(path), lambda path=path: open(path, "rb"))
+            for path in sorted(folder.iterdir()) if path.is_file() and not _is_system_file(path.name)]
+
+
+# ------------------------------------------------------------------------------------------- adding
+def add_normal_images(store: Store, dataset_id: int, files: Sequence[SourceFile]) -> IngestReport:
+    """Add normal (defect-free) training images."""
+    return _ingest(store, dataset_id, [(file, None) for file in files], split="train", defect=GOOD)
+
+
+def add_test_images(store: Store, dataset_id: int, defect: str, images: Sequence[SourceFile],
+                    masks: Sequence[SourceFile] = ()) -> IngestReport:
+    """Add labelled test images of one defect type (``"good"`` for normal test images), with optional masks.
+
+    A mask belongs to the image with the same stem, or with the stem plus ``_mask`` (MVTec naming). Within a
+    dataset the defect images either all have masks or none has, because ``load_dataset`` asks for a mask
+    for every defect image as soon as the dataset has any; mismatching files are reported, not added.
+    """
+    defect = defect.strip()
+    if not _DEFECT_NAME.match(defect):
+        raise RejectedUpload(f"'{defect}' is not a usable defect type name: use letters, digits, '_', '-' or "
+                             "'.', starting with a letter or digit")
+    report = IngestReport()
+    if defect == GOOD:
+        report.problems += [(mask.name, "masks are only used for defect images") for mask in masks]
+        return _merge(report, _ingest(store, dataset_id, [(image, None) for image in images], "test", GOOD))
+
+    masks_by_stem = {}
+    for mask in masks:
+        stem = mask.stem[:-len(_MASK_SUFFIX)] if mask.stem.endswith(_MASK_SUFFIX) else mask.stem
+        masks_by_stem[stem] = mask
+    pairs = [(image, masks_by_stem.pop(image.stem, None)) for image in images]
+    report.problems += [(mask.name, "no image with a matching name") for mask in masks_by_stem.values()]
+
+    with_masks = store.defect_mask_state(dataset_id)
+    if with_masks is None:  # the first defect images of this dataset decide
+        with_masks = any(mask is not None for _, mask in pairs)
+    usable = []
+    for image, mask in pairs:
+        if with_masks and mask is None:
+            report.problems.append((image.name, "no mask: this dataset's defect images have masks, so each needs one"))
+        elif not with_masks and mask is not None:
+            report.problems.append((image.name, "has a mask, but this dataset's defect images have none; "
+                                                "add it to a dataset with masks or upload it without"))
+        else:
+            usable.append((image, mask))
+    return _merge(report, _ingest(store, dataset_id, usable, "test", defect))
+
+
+def import_folder(store: Store, dataset_id: int, folder: str | Path) -> IngestReport:
+    """Import a server folder: MVTec AD layout (train/good, test/<defect>, ground_truth) or plain normal images."""
+    folder = Path(folder).expanduser()
+    if not (folder / "train").is_dir():
+        return add_normal_images(store, dataset_id, from_folder(folder))
+    report = add_normal_images(store, dataset_id, from_folder(folder / "train" / GOOD))
+    for defect_dir in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        mask_dir = folder / "ground_truth" / defect_dir.name
+        masks = from_folder(mask_dir) if mask_dir.is_dir() else []
+        report.merge(add_test_images(store, dataset_id, defect_dir.name, from_folder(defect_dir), masks))
+    return report
+
+
+def _merge(first: IngestReport, second: IngestReport) -> IngestReport:
+    first.merge(second)
+    return first
+
+
+# ------------------------------------------------------------------------------------------- staging
+def _ingest(store: Store, dataset_id: int, pairs: list[tuple[SourceFile, SourceFile | None]],
+            split: str, defect: str) -> IngestReport:
+    report = IngestReport()
+    staging = store.make_tmp_dir("ingest-")
+    try:
+        staged: dict[str, NewImage] = {}  # by sha256: a file uploaded twice in one go counts once
+        for index, (image, mask) in enumerate(pairs):
+            try:
+                new = _stage(staging, index, image, mask, split, defect)
+            except _NotUsable as exc:
+                report.problems.append((exc.name, exc.reason))
+                continue
+            if new.sha256 in staged:
+                report.duplicates.append((image.name, staged[new.sha256].source_name))
+            else:
+                staged[new.sha256] = new
+        stored = store.find_images_by_hash(dataset_id, list(staged))
+        for sha, path in stored.items():
+            report.duplicates.append((staged.pop(sha).source_name, path))
+        if staged:
+            store.add_images(dataset_id, list(staged.values()))
+        report.added += [image.source_name for image in staged.values()]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+class _NotUsable(Exception):
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+def _stage(staging: Path, index: int, image: SourceFile, mask: SourceFile | None,
+           split: str, defect: str) -> NewImage:
+    """Copy, hash and decode one image (and its mask) into ``staging``; raises _NotUsable with the reason."""
+    staged, sha, size = _copy(image, staging / f"{index}{image.suffix}")
+    width, height = _decode(image.name, staged)
+    staged_mask = None
+    if mask is not None:
+        try:
+            staged_mask = _copy(mask, staging / f"{index}_mask{mask.suffix}")[0]
+            mask_size = _decode(mask.name, staged_mask)
+        except _NotUsable as exc:
+            raise _NotUsable(image.name, f"its mask {exc.reason}") from exc
+        if mask_size != (width, height):
+            raise _NotUsable(image.name, f"its mask {mask.name} is {mask_size[0]}x{mask_size[1]}, "
+                                         f"the image {width}x{height}")
+    thumb = staging / f"{index}_thumb.jpg"
+    _write_thumbnail(staged, thumb)
+    return NewImage(staged=staged, staged_thumb=thumb, staged_mask=staged_mask, split=split, defect=defect,
+                    name=_safe_file_name(image.name), mask_suffix=mask.suffix if mask else None, sha256=sha,
+                    bytes=size, width=width, height=height, source_name=image.name)
+
+
+def _copy(source: SourceFile, target: Path) -> tuple[Path, str, int]:
+    if source.suffix not in data.IMAGE_EXTENSIONS:
+        raise _NotUsable(source.name, f"not an image file type ({source.suffix or 'no extension'})")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with source.open() as src, open(target, "wb") as dst:
+            while chunk := src.read(_COPY_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+    except (OSError, zipfile.BadZipFile) as exc:  # BadZipFile: a corrupt member (CRC mismatch)
+        raise _NotUsable(source.name, f"cannot be read: {exc}") from exc
+    return target, digest.hexdigest(), size
+
+
+def _decode(name: str, path: Path) -> tuple[int, int]:
+    # data._probe is the exact check load_dataset applies (a full decode), so whatever passes here trains.
+    try:
+        return data._probe(path)
+    except data._Unreadable as exc:
+        raise _NotUsable(name, f"not a readable image: {exc}") from exc
+
+
+def _write_thumbnail(image_path: Path, thumb_path: Path) -> None:
+    with Image.open(image_path) as img:
+        # 16-bit and float images need scaling, not clipping, to 8 bits: reuse the reader's conversion.
+        small = data._to_8bit(ImageOps.exif_transpose(img)).convert("RGB")
+    small.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    small.save(thumb_path, "JPEG", quality=85)
+
+
+def _safe_file_name(name: str) -> str:
+    """The base name with anything but letters, digits, '-', '_' and '.' replaced; never hidden or empty."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._") or "image"
+    return f"{stem}{path.suffix.lower()}"

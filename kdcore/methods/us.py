@@ -1,0 +1,502 @@
+"""Uninformed Students (Bergmann, Fauser, Sattlegger, Steger, CVPR 2020, arXiv 1911.02357).
+
+A small patch-descriptor network, the teacher, first learns to describe image patches like a pretrained CNN.
+An ensemble of students of the same architecture, randomly initialised, then learns to predict the teacher's
+descriptor at every pixel of normal images. Where the students' mean misses the teacher (regression error)
+or the students disagree (predictive variance), the patch is anomalous. There is no official code; the
+best-known reimplementation (denguir/student-teacher-anomaly-detection) departs from the paper, so the paper
+is followed wherever it is explicit.
+
+Network, per receptive field p (``patch_sizes``), from the paper's supplementary tables, LeakyReLU with slope
+5e-3 after every convolution but the last, so the descriptor itself is linear; 2×2 max pools with stride 2:
+- p=17: conv6×6(128)-conv5×5(256)-conv5×5(256)-conv4×4(d)
+- p=33: conv5×5(128)-pool-conv5×5(256)-pool-conv2×2(256)-conv4×4(d)
+- p=65: conv5×5(128)-pool-conv5×5(128)-pool-conv5×5(256)-pool-conv4×4(256)-conv1×1(d)
+with d = ``descriptor_dim`` = 128. The p=33 and p=65 networks map a p×p patch to one descriptor but, because
+the floor pooling drops the last row, only see its top-left 32×32 and 60×60 pixels. ``width`` scales the
+hidden channels (1.0 is the paper). Students have the teacher's architecture.
+
+Dense application: every 2×2/stride-2 pool becomes a 2×2/stride-1 pool dilated by the product of the earlier
+strides, and each later layer is dilated the same way (the "à trous" form of fast dense feature extraction).
+The unstrided network run on the image padded by p//2 (reflect) gives, at every pixel, exactly the descriptor
+the patch network gives for the p×p patch centred there (tested). Students train on random crops together
+with the context their receptive field needs, so a crop's targets equal the whole image's at those pixels.
+
+Teacher distillation (``setup_training``, before the students): loss ``kd_weight·L_k + metric_weight·L_m +
+compact_weight·L_c`` on batches of ``teacher_batch_size`` patches, Adam (2e-4, weight decay 1e-5):
+- L_k: ``||D(T(p)) - P(p)||²`` with D a linear decoder from d to the backbone's width and P(p) the frozen
+  backbone (``teacher_strides``: its stride-16 and stride-32 levels) applied to the patch resized to
+  ``distill_size``, each level average-pooled and the two concatenated (for EfficientNet-Lite0 112+320 = 432
+  values; the paper used ResNet-18's 512-d pooled output).
+- L_c: sum of the squared off-diagonal entries of the descriptor dimensions' correlation matrix over the batch.
+- L_m: triplet loss ``max(0, margin + δ+ - δ-)``, δ+ the squared distance from a patch to a positive (the same
+  place shifted by up to p//16 pixels, with luminance jitter and Gaussian noise), δ- the smaller squared
+  distance of either to a negative (the next patch in the batch, from another random place). Reading of the
+  paper unverified: its MVTec runs may have set the metric weight to 0; here all three weights default to 1.
+Deviation: the paper distils on ImageNet patches, which are not available offline; the teacher distils on
+random patches of the training images (at the dense resolution), with random 90° rotations and flips.
+
+Students: regress ``(T(x) - μ)/σ`` with μ, σ the per-dimension mean and std of the teacher's dense
+descriptors over all training images (buffers); loss ``mean_pixels ||S_i(x) - t̂||²`` summed over students and
+receptive fields; Adam (paper: 1e-4, weight decay 1e-5, batch 1, 100 epochs).
+
+Map, per receptive field: regression error ``e = ||mean_i S_i - t̂||²`` and predictive variance
+``v = mean_i ||S_i||² - ||mean_i S_i||²``, each z-scored with the mean and std of its values over the normal
+hold-out's pixels (``finish_training``; buffers), then summed; the maps of all receptive fields are averaged
+and resized bilinearly to the input size. No smoothing. Image score = max of the map.
+
+Cost and presets. Dense extraction is the expensive part: the paper's setting (three receptive fields, full
+width, 256² descriptors, 1 teacher + 3 students each) costs about 1.8 TMAC per 256² image, some 20-40 s on a
+2-core CPU. ``preset`` fills every parameter left at None:
+- "paper": p ∈ {17, 33, 65}, 3 students, width 1, descriptors at full resolution, students on whole images
+  (batch 1, 100 epochs, lr 1e-4), 50 000 teacher steps. For a GPU.
+- "fast" (default): p=33 only (the paper's best single scale), 3 students, width 0.25, descriptors computed at
+  half the input size (at least 96) and the map upsampled, students on 32² crops (batch 8, lr 1e-3,
+  4 epochs), 500 teacher steps: about 15 GMAC per 256² image, a few minutes of training on a 2-core CPU.
+  What it costs in accuracy is measured in the report of this method's magnetic_tile run (see the
+  project's docs); on the synthetic fixture both reach image AUROC 1.0.
+The descriptor half resolution means that, in input pixels, a patch covers twice p.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcore.backbones import Backbone
+from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.ops import upsample
+from kdcore.registry import register_method
+
+log = logging.getLogger(__name__)
+
+LEAKY_SLOPE = 5e-3
+POOL = "pool"
+# Layers of the patch networks: kernel size and output channels (None = the descriptor), or a 2×2 pool.
+ARCHITECTURES: dict[int, tuple] = {
+    17: ((6, 128), (5, 256), (5, 256), (4, None)),
+    33: ((5, 128), POOL, (5, 256), POOL, (2, 256), (4, None)),
+    65: ((5, 128), POOL, (5, 128), POOL, (5, 256), POOL, (4, 256), (1, None)),
+}
+# Guards the standardisations against a constant descriptor dimension or score.
+MIN_STD = 1e-6
+# The descriptor mean and std are estimated on at most this many training images (millions of descriptors
+# already; more only cost a dense teacher pass each).
+STATS_IMAGES = 128
+
+
+# ----------------------------------------------------------------------------- network
+class PatchDescriptorNet(nn.Module):
+    """Maps a p×p patch to a descriptor (``forward``) or an image to one descriptor per pixel (``dense``)."""
+
+    def __init__(self, patch_size: int, descriptor_dim: int, width: float):
+        super().__init__()
+        self.patch_size = patch_size
+        self.plan, convs, in_channels = [], [], 3
+        receptive_field, jump, side = 1, 1, patch_size
+        for layer in ARCHITECTURES[patch_size]:
+            if layer == POOL:
+                self.plan.append(POOL)
+                receptive_field, jump, side = receptive_field + jump, jump * 2, side // 2
+                continue
+            kernel, channels = layer
+            out_channels = descriptor_dim if channels is None else max(8, round(channels * width))
+            self.plan.append(len(convs))
+            convs.append(nn.Conv2d(in_channels, out_channels, kernel))
+            in_channels = out_channels
+            receptive_field, side = receptive_field + (kernel - 1) * jump, side - kernel + 1
+        if side != 1:
+            raise AssertionError(f"architecture for p={patch_size} does not reduce a patch to one descriptor")
+        self.convs = nn.ModuleList(convs)
+        self.receptive_field = receptive_field
+        # Reflect padding that centres the p×p patch on each pixel; the right/bottom needs only what the
+        # receptive field (shorter than p when pooling drops a row) reaches.
+        self.padding = (patch_size // 2, receptive_field - 1 - patch_size // 2)
+
+    def _run(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
+        dilation = 1
+        for step in self.plan:
+            if step == POOL:
+                if dense:
+                    x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
+                    dilation *= 2
+                else:
+                    x = F.max_pool2d(x, 2)
+                continue
+            conv = self.convs[step]
+            x = F.conv2d(x, conv.weight, conv.bias, dilation=dilation)
+            if step < len(self.convs) - 1:
+                x = F.leaky_relu(x, LEAKY_SLOPE)
+        return x
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """N×3×p×p patches → N×d descriptors (the patch network as trained on patches)."""
+        return self._run(patches, dense=False).flatten(1)
+
+    def dense_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """Descriptors of every full receptive-field window: N×3×H×W → N×d×(H-r+1)×(W-r+1)."""
+        return self._run(x, dense=True)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        before, after = self.padding
+        return F.pad(x, (before, after, before, after), mode="reflect")
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """One descriptor per pixel, N×d×H×W, each equal to ``forward`` on the p×p patch centred there."""
+        return self.dense_valid(self.pad(x))
+
+
+class ScaleEnsemble(nn.Module):
+    """Teacher, its distillation decoder and the students for one receptive field, with their statistics."""
+
+    def __init__(self, patch_size: int, descriptor_dim: int, width: float, n_students: int, target_dim: int):
+        super().__init__()
+        self.teacher = PatchDescriptorNet(patch_size, descriptor_dim, width)
+        self.decoder = nn.Linear(descriptor_dim, target_dim)
+        self.students = nn.ModuleList(PatchDescriptorNet(patch_size, descriptor_dim, width)
+                                      for _ in range(n_students))
+        self.register_buffer("descriptor_mean", torch.zeros(1, descriptor_dim, 1, 1))
+        self.register_buffer("descriptor_std", torch.ones(1, descriptor_dim, 1, 1))
+        # (mean, std) of the regression error and of the predictive variance over the normal hold-out.
+        self.register_buffer("error_stats", torch.tensor([0.0, 1.0]))
+        self.register_buffer("variance_stats", torch.tensor([0.0, 1.0]))
+
+    def freeze_teacher(self) -> None:
+        self.teacher.requires_grad_(False)
+        self.decoder.requires_grad_(False)
+
+    def targets(self, windows: torch.Tensor) -> torch.Tensor:
+        """The standardised teacher descriptors of padded windows (valid mode)."""
+        with torch.no_grad():
+            return (self.teacher.dense_valid(windows) - self.descriptor_mean) / self.descriptor_std
+
+    def student_outputs(self, windows: torch.Tensor) -> torch.Tensor:
+        """M×N×d×h×w predictions of the students for padded windows (valid mode)."""
+        return torch.stack([student.dense_valid(windows) for student in self.students])
+
+    def error_and_variance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.teacher.pad(x)
+        return ensemble_scores((student.dense_valid(windows) for student in self.students), self.targets(windows))
+
+    def score_map(self, x: torch.Tensor) -> torch.Tensor:
+        error, variance = self.error_and_variance(x)
+        return (error - self.error_stats[0]) / self.error_stats[1] + \
+            (variance - self.variance_stats[0]) / self.variance_stats[1]
+
+
+class USNetwork(nn.Module):
+    def __init__(self, backbone: Backbone, size: int, dense_size: int, patch_sizes: tuple[int, ...],
+                 n_students: int, descriptor_dim: int, width: float, crop_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.scales = nn.ModuleList(ScaleEnsemble(p, descriptor_dim, width, n_students, sum(backbone.channels))
+                                    for p in patch_sizes)
+        self.size, self.dense_size, self.crop_size = size, dense_size, crop_size
+
+    def to_dense_resolution(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_size == x.shape[-1]:
+            return x
+        return F.interpolate(x, size=(self.dense_size, self.dense_size), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Student loss on random crops of the batch, each with the context its receptive field needs."""
+        x = self.to_dense_resolution(x)
+        n, _, h, w = x.shape
+        crop = min(self.crop_size, h, w)
+        ys = torch.randint(h - crop + 1, (n,)).tolist()
+        xs = torch.randint(w - crop + 1, (n,)).tolist()
+        total = x.new_zeros(())
+        for scale in self.scales:
+            padded, side = scale.teacher.pad(x), crop + scale.teacher.receptive_field - 1
+            windows = torch.stack([padded[i, :, top:top + side, left:left + side]
+                                   for i, (top, left) in enumerate(zip(ys, xs))])
+            total = total + student_loss(scale.student_outputs(windows), scale.targets(windows))
+        return total
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.to_dense_resolution(x)
+        fused = torch.stack([scale.score_map(dense) for scale in self.scales]).mean(dim=0)
+        return fused if self.dense_size == self.size else upsample(fused, self.size)
+
+
+# ----------------------------------------------------------------------------- losses
+def backbone_descriptor(backbone: Backbone, patches: torch.Tensor, size: int) -> torch.Tensor:
+    """The distillation target: the backbone's levels on the resized patch, average-pooled and concatenated."""
+    with torch.no_grad():
+        resized = F.interpolate(patches, size=(size, size), mode="bilinear", align_corners=False)
+        return torch.cat([level.float().mean(dim=(2, 3)) for level in backbone(resized)], dim=1)
+
+
+def compactness_loss(descriptors: torch.Tensor) -> torch.Tensor:
+    """Sum of squared off-diagonal correlations between descriptor dimensions over the batch."""
+    centred = descriptors - descriptors.mean(dim=0)
+    z = centred / centred.std(dim=0).clamp_min(MIN_STD)
+    correlation = z.T @ z / (len(descriptors) - 1)
+    return (correlation.pow(2).sum() - correlation.diagonal().pow(2).sum())
+
+
+def triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float) -> torch.Tensor:
+    """``max(0, margin + δ+ - δ-)`` with the next sample's anchor as negative, hardest of the two pairings."""
+    negatives = anchors.roll(1, dims=0)
+    positive_distance = (anchors - positives).pow(2).sum(dim=1)
+    negative_distance = torch.minimum((anchors - negatives).pow(2).sum(dim=1),
+                                      (positives - negatives).pow(2).sum(dim=1))
+    return F.relu(margin + positive_distance - negative_distance).mean()
+
+
+def teacher_loss(scale: ScaleEnsemble, anchors: torch.Tensor, positives: torch.Tensor, targets: torch.Tensor,
+                 weights: tuple[float, float, float], margin: float) -> torch.Tensor:
+    kd_weight, compact_weight, metric_weight = weights
+    descriptors = scale.teacher(anchors)
+    loss = kd_weight * (scale.decoder(descriptors) - targets).pow(2).sum(dim=1).mean()
+    loss = loss + compact_weight * compactness_loss(descriptors)
+    if metric_weight:
+        loss = loss + metric_weight * triplet_loss(descriptors, scale.teacher(positives), margin)
+    return loss
+
+
+def student_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-pixel squared error to the standardised teacher, averaged over pixels, summed over students."""
+    return (predictions - targets).pow(2).sum(dim=2).mean(dim=(1, 2, 3)).sum()
+
+
+def ensemble_scores(predictions: Iterable[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regression error ``||mean S - t̂||²`` and predictive variance ``mean ||S||² - ||mean S||²``, N×1×H×W.
+
+    The students' N×d×H×W predictions are accumulated one at a time, so an ensemble never sits in memory whole.
+    """
+    total = total_sq_norm = None
+    count = 0
+    for prediction in predictions:
+        prediction = prediction.float()
+        sq_norm = prediction.pow(2).sum(dim=1, keepdim=True)
+        total = prediction if total is None else total + prediction
+        total_sq_norm = sq_norm if total_sq_norm is None else total_sq_norm + sq_norm
+        count += 1
+    mean = total / count
+    error = (mean - targets.float()).pow(2).sum(dim=1, keepdim=True)
+    variance = total_sq_norm / count - mean.pow(2).sum(dim=1, keepdim=True)
+    return error, variance
+
+
+# ----------------------------------------------------------------------------- teacher pre-training data
+def sample_patch_pairs(images: torch.Tensor, patch_size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patches (random 90° rotation and flip) and, for the triplet loss, their perturbed positives."""
+    shift = max(1, patch_size // 16)
+    side = patch_size + 2 * shift
+    n, _, h, w = images.shape
+    index = torch.randint(n, (count,)).tolist()
+    ys = torch.randint(h - side + 1, (count,)).tolist()
+    xs = torch.randint(w - side + 1, (count,)).tolist()
+    turns = torch.randint(4, (count,)).tolist()
+    flips = torch.rand(count).lt(0.5).tolist()
+    offsets = torch.randint(2 * shift + 1, (count, 2)).tolist()
+    anchors, positives = [], []
+    for i, y, x, k, flip, (dy, dx) in zip(index, ys, xs, turns, flips, offsets):
+        crop = torch.rot90(images[i, :, y:y + side, x:x + side], k, dims=(1, 2))
+        if flip:
+            crop = crop.flip(2)
+        anchors.append(crop[:, shift:shift + patch_size, shift:shift + patch_size])
+        positives.append(crop[:, dy:dy + patch_size, dx:dx + patch_size])
+    positives = torch.stack(positives)
+    # Luminance jitter (gain and offset in normalised units) and sensor-like noise.
+    gain = 1 + 0.1 * (2 * torch.rand(count, 1, 1, 1, device=images.device) - 1)
+    offset = 0.1 * (2 * torch.rand(count, 1, 1, 1, device=images.device) - 1)
+    positives = positives * gain + offset + 0.05 * torch.randn_like(positives)
+    return torch.stack(anchors), positives
+
+
+def min_dense_size(patch_size: int) -> int:
+    """Smallest descriptor resolution from which a patch and its shifted positive can be cut."""
+    return patch_size + 2 * max(1, patch_size // 16)
+
+
+# ----------------------------------------------------------------------------- configuration
+PRESETS: dict[str, dict] = {
+    "paper": dict(patch_sizes=(17, 33, 65), n_students=3, width=1.0, teacher_steps=50_000,
+                  epochs=100, batch_size=1, lr=1e-4),
+    "fast": dict(patch_sizes=(33,), n_students=3, width=0.25, crop_size=32, teacher_steps=500,
+                 epochs=4, batch_size=8, lr=1e-3),
+}
+
+
+@dataclass
+class USConfig(MethodConfig):
+    """Parameters left at None take the ``preset``'s value (see the module docstring)."""
+
+    preset: str = "fast"
+    epochs: int | None = None  # student epochs
+    batch_size: int | None = None
+    patch_sizes: tuple[int, ...] | None = None
+    n_students: int | None = None
+    descriptor_dim: int = 128
+    width: float | None = None
+    dense_size: int | None = None  # descriptor resolution; preset: size ("paper"), max(96, size // 2) ("fast")
+    crop_size: int | None = None  # student training crops at the descriptor resolution; preset: dense_size
+    lr: float | None = None
+    weight_decay: float = 1e-5
+    teacher_steps: int | None = None  # per receptive field
+    teacher_batch_size: int = 64
+    teacher_lr: float = 2e-4
+    teacher_weight_decay: float = 1e-5
+    distill_size: int = 64
+    kd_weight: float = 1.0
+    compact_weight: float = 1.0
+    metric_weight: float = 1.0
+    triplet_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        preset = PRESETS[self.preset]
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.dense_size is None and isinstance(self.size, int):
+            self.dense_size = self.size if self.preset == "paper" else min(self.size, max(96, self.size // 2))
+        if self.crop_size is None:
+            self.crop_size = self.dense_size
+        if isinstance(self.patch_sizes, (list, tuple)):
+            self.patch_sizes = tuple(self.patch_sizes)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.patch_sizes or len(set(self.patch_sizes)) != len(self.patch_sizes) or \
+                not set(self.patch_sizes) <= set(ARCHITECTURES):
+            raise ValueError(f"patch_sizes must be distinct values from {sorted(ARCHITECTURES)}, "
+                             f"got {self.patch_sizes!r}")
+        _check_int(self, "n_students", 2, why=" (the predictive variance needs an ensemble)")
+        _check_int(self, "descriptor_dim", 1)
+        _check_int(self, "teacher_steps", 1)
+        _check_int(self, "teacher_batch_size", 2, why=" (correlations and negatives need a batch)")
+        _check_int(self, "distill_size", 32, why=" (the backbone's stride-32 level must exist)")
+        _check_int(self, "crop_size", 1)
+        needed = max(64, *(min_dense_size(p) for p in self.patch_sizes))
+        if not isinstance(self.dense_size, int) or not needed <= self.dense_size <= self.size:
+            raise ValueError(f"dense_size must be an integer between {needed} (for patch sizes "
+                             f"{self.patch_sizes}) and size={self.size}, got {self.dense_size!r}")
+        if not self.width > 0:
+            raise ValueError(f"width must be positive, got {self.width!r}")
+        for name in ("lr", "teacher_lr", "kd_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "teacher_weight_decay", "compact_weight", "metric_weight", "triplet_margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+
+
+def _check_int(config, name: str, minimum: int, why: str = "") -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}{why}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- method
+@register_method
+class UninformedStudents(AnomalyMethod):
+    name = "us"
+    summary = "Uninformed Students (CVPR 2020): student ensemble regresses a distilled patch-descriptor teacher"
+    Config = USConfig
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._should_stop = None
+        self._teacher_info: dict = {}
+
+    def teacher_strides(self) -> tuple[int, ...]:
+        return (16, 32)
+
+    def build_network(self, backbone: Backbone) -> nn.Module:
+        c = self.config
+        return USNetwork(backbone, c.size, c.dense_size, c.patch_sizes, c.n_students, c.descriptor_dim,
+                         c.width, c.crop_size)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        students = [p for scale in self.net.scales for p in scale.students.parameters()]
+        return [torch.optim.Adam(students, lr=self.config.lr, weight_decay=self.config.weight_decay)]
+
+    def fit(self, dataset, progress=None, should_stop=None) -> "UninformedStudents":
+        # The teacher phase runs inside ``setup_training``, which the base calls without the callbacks.
+        self._should_stop = should_stop
+        try:
+            super().fit(dataset, progress, should_stop)
+        finally:
+            self._should_stop = None
+        self.training_info["teacher"] = self._teacher_info
+        return self
+
+    def _dense_images(self, train_images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net.to_dense_resolution(self._normalize(chunk)) for chunk in train_images.split(32)])
+
+    def setup_training(self, train_images: torch.Tensor) -> None:
+        """Distil each receptive field's teacher, then fit the descriptor standardisation on the training set."""
+        images = self._dense_images(train_images)
+        start = time.perf_counter()
+        info = {}
+        for scale in self.net.scales:
+            info[f"p{scale.teacher.patch_size}"] = self._distil_teacher(scale, images)
+            scale.freeze_teacher()
+        self._fit_descriptor_stats(images)
+        self._teacher_info = {"seconds": round(time.perf_counter() - start, 3), **info}
+
+    def _distil_teacher(self, scale: ScaleEnsemble, images: torch.Tensor) -> dict:
+        c = self.config
+        trainable = list(scale.teacher.parameters()) + list(scale.decoder.parameters())
+        optimizer = torch.optim.Adam(trainable, lr=c.teacher_lr, weight_decay=c.teacher_weight_decay)
+        weights = (c.kd_weight, c.compact_weight, c.metric_weight)
+        report_every = max(1, c.teacher_steps // 10)
+        loss, step = float("nan"), 0
+        for step in range(1, c.teacher_steps + 1):
+            anchors, positives = sample_patch_pairs(images, scale.teacher.patch_size, c.teacher_batch_size)
+            targets = backbone_descriptor(self.net.backbone, anchors, c.distill_size)
+            with self._autocast():
+                batch_loss = teacher_loss(scale, anchors, positives, targets, weights, c.triplet_margin)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            loss = float(batch_loss.detach())
+            if step % report_every == 0:
+                log.info("teacher p=%d: step %d/%d, loss %.4g", scale.teacher.patch_size, step, c.teacher_steps, loss)
+            if self._should_stop is not None and self._should_stop():
+                break
+        return {"steps": step, "loss": loss}
+
+    @torch.no_grad()
+    def _fit_descriptor_stats(self, images: torch.Tensor) -> None:
+        if len(images) > STATS_IMAGES:
+            images = images[torch.linspace(0, len(images) - 1, STATS_IMAGES).round().long()]
+        for scale in self.net.scales:
+            total = total_sq = 0.0
+            count = 0
+            for chunk in images.split(8):
+                descriptors = scale.teacher.dense(chunk).double()
+                total = total + descriptors.sum(dim=(0, 2, 3))
+                total_sq = total_sq + descriptors.pow(2).sum(dim=(0, 2, 3))
+                count += descriptors.numel() // descriptors.shape[1]
+            mean = total / count
+            std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(MIN_STD)
+            scale.descriptor_mean.copy_(mean.view_as(scale.descriptor_mean))
+            scale.descriptor_std.copy_(std.view_as(scale.descriptor_std))
+
+    def finish_training(self, holdout_images: torch.Tensor) -> None:
+        """Fit the z-scores of the regression error and the predictive variance on the normal hold-out."""
+        self.net.eval()
+        per_scale = [([], []) for _ in self.net.scales]
+        with torch.inference_mode(), self._autocast():
+            for chunk in holdout_images.split(8):
+                dense = self.net.to_dense_resolution(self._normalize(chunk))
+                for (errors, variances), scale in zip(per_scale, self.net.scales):
+                    error, variance = scale.error_and_variance(dense)
+                    errors.append(error.flatten().double().cpu())
+                    variances.append(variance.flatten().double().cpu())
+        for (errors, variances), scale in zip(per_scale, self.net.scales):
+            for values, stats in ((errors, scale.error_stats), (variances, scale.variance_stats)):
+                values = torch.cat(values)
+                stats.copy_(torch.stack([values.mean(), values.std().clamp_min(MIN_STD)]).float())

@@ -1,0 +1,271 @@
+"""The job worker: a separate process that runs the store's queued training and evaluation jobs, one at a time.
+
+Training never runs inside the Streamlit process: a widget click there interrupts the script, a page reload
+drops its threads, and the app would share its memory with torch. Instead the app queues jobs in the store
+and makes sure a worker is running (``ensure_worker``); the worker (``python -m kdcore worker``) claims the
+oldest queued job, trains, and writes progress, loss, ETA, a heartbeat and a log to the store, which the pages
+poll. One worker per data directory (an flock), so one job at a time: on a CPU-only machine two trainings
+would only slow each other down.
+
+A job that fails or is cancelled never touches ``models/``: the model is saved under ``tmp/`` and registered
+(moved into place and recorded) only when training succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kdcore.store import CANCELLED, DONE, FAILED, TRAIN, Job, Store
+
+POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
+REPORT_SECONDS = 1.0  # progress is written, and the cancel flag read, at most this often
+HEARTBEAT_SECONDS = 5.0
+APP_WORKER_IDLE_EXIT_SECONDS = 600.0  # a worker the app started frees its memory after 10 idle minutes
+AUTOSTART_ENV = "KDCORE_WORKER_AUTOSTART"  # "0": the app never starts a worker (tests; a managed worker)
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+logger = logging.getLogger("kdcore.worker")
+
+
+class WorkerStopped(BaseException):
+    """The worker process was asked to stop (SIGTERM) while running a job."""
+
+
+# ------------------------------------------------------------------------------------------- the worker loop
+def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | None = None) -> int:
+    """Run queued jobs until idle for ``idle_exit_seconds`` (None: forever; 0: until the queue is empty).
+
+    Returns the number of jobs run; 0 at once if another worker already serves this data directory.
+    """
+    store = Store(data_dir)
+    pid = os.getpid()
+    with store.hold_worker_lock(pid) as held:
+        if not held:
+            logger.info("another worker (pid %s) serves %s; exiting", store.worker_pid(), store.root)
+            return 0
+        for job in store.fail_orphaned_jobs():
+            logger.warning("job %d was left running by a worker that is gone; marked failed", job.id)
+        store.clean_tmp()
+        logger.info("worker %d serving %s", pid, store.root)
+        jobs_run, idle_since = 0, time.monotonic()
+        while True:
+            job = store.claim_next_job(pid)
+            if job is not None:
+                run_job(store, job)
+                jobs_run, idle_since = jobs_run + 1, time.monotonic()
+            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
+                logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+                return jobs_run
+            else:
+                time.sleep(POLL_SECONDS)
+
+
+def run_job(store: Store, job: Job) -> None:
+    """Run one claimed job to its end; every outcome, including a crash, is recorded in the store."""
+    log = _job_logger(store, job.id)
+    heartbeat = _Heartbeat(store, job.id)
+    heartbeat.start()
+    log.info("job %d: %s %s on dataset '%s' with %s", job.id, job.kind, job.method, job.dataset_name, job.params)
+    try:
+        (_train if job.kind == TRAIN else _evaluate)(store, job, log)
+    except BaseException as exc:  # also WorkerStopped/KeyboardInterrupt: record why, then let them end the worker
+        log.exception("job %d failed", job.id)
+        store.finish_job(job.id, FAILED, _describe(exc))
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        heartbeat.stop()
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, WorkerStopped):
+        return "the worker process was stopped while the job was running"
+    if isinstance(exc, (ValueError, FileNotFoundError)):  # DataError and bad parameters: the message says it all
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} (see the job log)"
+
+
+# ------------------------------------------------------------------------------------------- the jobs
+def _train(store: Store, job: Job, log: logging.Logger) -> None:
+    from kdcore import create_method, data
+
+    dataset = data.load_dataset(store.dataset_dir(_require_dataset(job)))
+    log.info(dataset.summary())
+    for path, reason in dataset.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    method = create_method(job.method, **job.params)
+    store.report_progress(job.id, stage="reading images")
+    reporter = _TrainReporter(store, job.id, log)
+    method.fit(dataset, progress=reporter.progress, should_stop=reporter.should_stop)
+    if reporter.cancelled or store.cancel_requested(job.id):
+        store.finish_job(job.id, CANCELLED, "cancelled; no model was saved")
+        log.info("cancelled after %d step(s); no model saved", method.training_info["steps"])
+        return
+    store.report_progress(job.id, stage="saving model")
+    staging = store.make_tmp_dir(f"job-{job.id}-")
+    try:
+        staged = method.save(staging / "model.pt")
+        model = store.register_model(job.id, staged, {
+            "method": method.name, "params": job.params, "teacher_weights": method.teacher_weights.as_dict(),
+            "training": method.training_info, "calibration": method.calibration, "threshold": method.threshold,
+        })
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if model is None:
+        log.warning("job %d was ended meanwhile (cancelled or declared dead): model discarded", job.id)
+    else:
+        log.info("model %d saved: %.1f s of training, best epoch %d", model.id,
+                 method.training_info["seconds"], method.training_info["best_epoch"])
+
+
+def _evaluate(store: Store, job: Job, log: logging.Logger) -> None:
+    from kdcore import data, load
+    from kdcore.evaluation import evaluate_model
+
+    if job.model_id is None:
+        raise ValueError("the model to evaluate was deleted")
+    model = store.get_model(job.model_id)
+    method = load(store.model_file(model))
+    dataset = data.load_dataset(store.dataset_dir(_require_dataset(job)))
+    log.info(dataset.summary())
+    store.report_progress(job.id, stage="scoring test images")
+    total = max(1, len(dataset.test))
+    metrics = evaluate_model(method, dataset,
+                             on_chunk=lambda done: store.report_progress(job.id, progress=done / total))
+    store.set_model_metrics(model.id, {**metrics, "evaluated_at": time.time(), "job_id": job.id})
+    store.finish_job(job.id, DONE, f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images")
+    log.info("metrics: %s", metrics)
+
+
+def _require_dataset(job: Job) -> int:
+    if job.dataset_id is None:
+        raise ValueError(f"dataset '{job.dataset_name}' was deleted")
+    return job.dataset_id
+
+
+class _TrainReporter:
+    """``fit``'s progress and should_stop callbacks, writing to the store at most every REPORT_SECONDS."""
+
+    def __init__(self, store: Store, job_id: int, log: logging.Logger):
+        self.store, self.job_id, self.log = store, job_id, log
+        self.points: list[dict] = []
+        self.cancelled = False
+        self._last_report = self._last_cancel_check = 0.0
+
+    def progress(self, p) -> None:  # p: kdcore.TrainProgress
+        self.points.append({"step": p.step, "epoch": p.epoch, "loss": p.loss, "holdout_score": p.holdout_score,
+                            "elapsed_seconds": p.elapsed_seconds})
+        end_of_epoch = p.holdout_score is not None
+        if end_of_epoch:
+            self.log.info("epoch %d/%d: loss %.4g, mean hold-out score %.4g (%.0f s)",
+                          p.epoch, p.epochs, p.loss, p.holdout_score, p.elapsed_seconds)
+        if end_of_epoch or p.step == p.total_steps or time.monotonic() - self._last_report >= REPORT_SECONDS:
+            # NaN (no estimate yet) is stored as NULL by SQLite, which the pages show as "unknown".
+            eta = p.eta_seconds if math.isfinite(p.eta_seconds) else None
+            self.store.report_progress(self.job_id, self.points, stage="training", progress=p.step / p.total_steps,
+                                       epoch=p.epoch, epochs=p.epochs, loss=p.loss, eta_seconds=eta)
+            self.points = []
+            self._last_report = time.monotonic()
+
+    def should_stop(self) -> bool:
+        if not self.cancelled and time.monotonic() - self._last_cancel_check >= REPORT_SECONDS:
+            self.cancelled = self.store.cancel_requested(self.job_id)
+            self._last_cancel_check = time.monotonic()
+            if self.cancelled:
+                self.log.info("cancel requested: stopping")
+        return self.cancelled
+
+
+class _Heartbeat(threading.Thread):
+    """Proves the worker alive even during long steps without progress reports (reading data, hold-out)."""
+
+    def __init__(self, store: Store, job_id: int):
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.store, self.job_id = store, job_id
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_SECONDS):
+            self.store.heartbeat(self.job_id)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+
+def _job_logger(store: Store, job_id: int) -> logging.Logger:
+    log = logging.getLogger(f"kdcore.worker.job{job_id}")
+    handler = logging.FileHandler(store.job_log(job_id), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return log
+
+
+# ------------------------------------------------------------------------------------------- app side
+_spawn_lock = threading.Lock()
+_spawned: subprocess.Popen | None = None  # the worker this process started, while it may still be starting
+
+
+def autostart_enabled() -> bool:
+    return os.environ.get(AUTOSTART_ENV, "1") != "0"
+
+
+def ensure_worker(store: Store) -> int | None:
+    """What the app calls on every page view: fail orphaned jobs, start a worker if jobs wait for one.
+
+    Returns the worker's pid (-1 while it is starting up), or None when none runs.
+    """
+    global _spawned
+    store.fail_orphaned_jobs()
+    pid = store.worker_pid()
+    if pid is not None or not store.has_queued_jobs() or not autostart_enabled():
+        return pid
+    with _spawn_lock:
+        # A worker takes seconds to import torch before it takes the lock; don't start a second meanwhile.
+        if _spawned is None or _spawned.poll() is not None:
+            _spawned = start_worker_process(store)
+        return -1
+
+
+def start_worker_process(store: Store) -> subprocess.Popen:
+    """A detached ``python -m kdcore worker``: its own session, so it outlives the app and keeps training."""
+    with open(store.root / "worker.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kdcore", "worker", "--data-dir", str(store.root),
+             "--idle-exit", str(APP_WORKER_IDLE_EXIT_SECONDS)],
+            cwd=_PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+
+# ------------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="the app's data directory (default: $KDCORE_DATA_DIR or ./kdcore_data)")
+    parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                        help="exit after this long without jobs (default: run until stopped; 0: drain the queue)")
+
+
+def command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def stop(signum, frame):
+        raise WorkerStopped(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run_worker(args.data_dir, args.idle_exit)
+    except (WorkerStopped, KeyboardInterrupt):
+        logger.info("worker stopped")
+    return 0

@@ -1,0 +1,86 @@
+"""Models: every trained model with its training and hold-out numbers; evaluate one on its test split; delete."""
+import streamlit as st
+
+import ui
+from kdcore.store import EVALUATE, GOOD, Model, StoreError
+
+METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO",
+           "f1_max": "image F1-max", "aupr": "image AUPR"}
+
+store = ui.get_store()
+st.title("Models")
+
+
+def table_row(model: Model) -> dict:
+    holdout = model.calibration
+    metrics = model.metrics or {}
+    return {
+        "id": model.id, "method": model.method, "dataset": model.dataset_name,
+        "image size": model.params.get("size"), "epochs": model.training.get("epochs_run"),
+        "trained": ui.when(model.created_at), "training time": ui.duration(model.training.get("seconds")),
+        "hold-out images": holdout["n"], "hold-out mean": holdout["mean"],
+        "hold-out p99": holdout["quantiles"]["0.99"], "hold-out max": holdout["max"],
+        "threshold": (model.threshold or {}).get("value"),
+        **{label: metrics.get(key) for key, label in METRICS.items()},
+        "file MB": round(model.file_bytes / 1e6, 1),
+    }
+
+
+def evaluation_blocker(model: Model) -> str | None:
+    """Why the model cannot be evaluated now, or None."""
+    if model.dataset_id is None:
+        return f"Its dataset '{model.dataset_name}' was deleted."
+    counts = store.dataset_counts(model.dataset_id)
+    n_good = counts.get(("test", GOOD), 0)
+    n_defect = sum(n for (split, defect), n in counts.items() if split == "test" and defect != GOOD)
+    if not n_good or not n_defect:
+        return ("Evaluation needs labelled test images, both good and defective "
+                f"(the dataset has {n_good} good and {n_defect} defective): add them on the Datasets page.")
+    return None
+
+
+def details(model: Model) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Parameters**")
+        st.json(model.params, expanded=False)
+        st.markdown("**Teacher weights**")
+        st.json(model.teacher_weights, expanded=False)
+    with right:
+        st.markdown("**Training**")
+        st.json(model.training, expanded=False)
+        st.markdown("**Hold-out scores** (normal images never trained on)")
+        st.json({k: v for k, v in model.calibration.items() if k != "scores"}, expanded=False)
+    st.caption(f"File: `{store.model_file(model)}`")
+
+
+def actions(model: Model) -> None:
+    blocker = evaluation_blocker(model)
+    if blocker:
+        st.caption(blocker)
+    if st.button("Evaluate on the test split", disabled=blocker is not None, type="primary"):
+        job = store.enqueue_job(EVALUATE, model.method, {}, model.dataset_id, model_id=model.id)
+        ui.supervise()
+        st.success(f"Queued evaluation job #{job.id}.")
+    if ui.confirm_delete("Delete this model…", f"Delete model #{model.id} ({model.method} on "
+                         f"{model.dataset_name})? Its file is removed.", key=f"delete_model_{model.id}"):
+        try:
+            store.delete_model(model.id)
+            st.rerun()
+        except StoreError as exc:
+            st.error(str(exc))
+
+
+models = store.list_models()
+if not models:
+    st.info("No trained models yet.")
+    st.page_link("pages/train.py", label="Train one on the Train page", icon="🏋️")
+else:
+    st.dataframe([table_row(model) for model in models], hide_index=True, width="stretch")
+    model = st.selectbox("Model", models, format_func=lambda m: f"#{m.id} {m.method} on {m.dataset_name} "
+                                                                f"({ui.when(m.created_at)})")
+    details(model)
+    actions(model)
+
+st.subheader("Evaluation jobs")
+ui.job_panel(EVALUATE)

