@@ -8,14 +8,12 @@ from kdcore import data, metrics
 from kdcore.methods.rd_expert import guided_injection
 from kdcore.synthetic_anomalies import perlin_masks, synthesize_anomalies
 
-import synthetic
-
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return data.load_dataset(synthetic.make_dataset(tmp_path_factory.mktemp("rde"), size=SIZE))
+def dataset(synthetic_root):
+    return data.load_dataset(synthetic_root)
 
 
 @pytest.fixture(scope="module")

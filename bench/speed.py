@@ -1,0 +1,84 @@
+"""Speed of each method's network at one input size: inference and training step, CPU and (if present) CUDA.
+
+    python -m bench.speed [--methods stpm rd] [--size 256] [--repeats 5] [--out bench/results]
+
+Inference is timed from a normalised image tensor to maps and scores (``predict``), at batch 32 (throughput)
+and batch 1 (latency); a training step is one ``training_step`` at the method's batch size. Each figure is
+the median of ``--repeats`` runs after a warm-up. Untrained networks are timed: speed does not depend on weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kdcore
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: allocator, kernels, autotuning
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, size: int, device: str, repeats: int) -> dict:
+    method = kdcore.create_method(name, size=size, device=device)
+    method._build(method.config.weights)
+    # predict() refuses unfitted models; a placeholder calibration is enough to time the network.
+    method.calibration = {"placeholder": True}
+    dev = method.device
+    batch32 = torch.randn(32, 3, size, size, device=dev)
+    batch1 = batch32[:1].clone()
+    train_batch = torch.randn(method.config.batch_size, 3, size, size, device=dev)
+    optimizers = method.configure_optimizers()
+
+    def train_step():
+        method.net.train()
+        with method._autocast():
+            method.training_step(train_batch, optimizers)
+
+    throughput = 32 / _median_seconds(lambda: method.predict(batch32, 32), repeats, dev)
+    latency = _median_seconds(lambda: method.predict(batch1, 1), repeats, dev)
+    step = _median_seconds(train_step, repeats, dev)
+    return {"method": name, "device": dev.type, "size": size, "images_per_second_b32": round(throughput, 2),
+            "latency_ms_b1": round(latency * 1000, 1), "train_step_seconds": round(step, 3),
+            "train_batch_size": method.config.batch_size, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=kdcore.list_methods())
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    print("| method | device | img/s (b32) | latency ms (b1) | train step s (batch) |\n|---|---|---|---|---|")
+    for device in devices:
+        for name in args.methods:
+            row = measure(name, args.size, device, args.repeats)
+            rows.append(row)
+            print(f"| {name} | {device} | {row['images_per_second_b32']} | {row['latency_ms_b1']} | "
+                  f"{row['train_step_seconds']} ({row['train_batch_size']}) |", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"speed_{args.size}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
