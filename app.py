@@ -3,18 +3,15 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="kdcore · anomaly detection", page_icon="🔍", layout="wide")
+st.set_page_config(page_title="kdcore · anomaly detection", page_icon=":material/troubleshoot:", layout="wide")
 # On every start and page view: jobs whose worker died are marked failed, waiting jobs get a worker.
-worker_pid = ui.supervise()
+ui.supervise()
 
 page = st.navigation([
-    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("pages/datasets.py", title="Datasets", icon="🗂️"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/models.py", title="Models", icon="📦"),
+    st.Page("pages/home.py", title="Home", icon=ui.ICONS["home"], default=True),
+    st.Page("pages/datasets.py", title="Datasets", icon=ui.ICONS["datasets"]),
+    st.Page("pages/train.py", title="Train", icon=ui.ICONS["train"]),
+    st.Page("pages/models.py", title="Models", icon=ui.ICONS["models"]),
 ])
-with st.sidebar:
-    st.caption(f"Data: `{ui.get_store().root}`")
-    st.caption("Worker: " + ("idle or stopped" if worker_pid is None else
-                             "starting" if worker_pid < 0 else f"running (pid {worker_pid})"))
+st.sidebar.caption(f"Data: `{ui.get_store().root}`")
 page.run()

@@ -14,11 +14,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from kdcore import worker
-from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, Store, default_data_dir
+from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Store, default_data_dir
 
 JOB_POLL_SECONDS = 2.0
 FINISHED_JOBS_SHOWN = 6
-_STATUS_ICONS = {QUEUED: "⏳", RUNNING: "⚙️", DONE: "✅", FAILED: "❌", CANCELLED: "⏹️"}
+# Material icons ship with Streamlit's font, so unlike emoji they render on machines without an emoji font.
+ICONS = {"home": ":material/home:", "datasets": ":material/photo_library:", "train": ":material/model_training:",
+         "models": ":material/inventory_2:"}
+_STATUS_ICONS = {QUEUED: ":material/schedule:", RUNNING: ":material/autorenew:", DONE: ":material/check_circle:",
+                 FAILED: ":material/error:", CANCELLED: ":material/cancel:"}
 
 
 @st.cache_resource(show_spinner=False)
@@ -55,7 +59,10 @@ def duration(seconds: float | None) -> str:
 
 
 def confirm_delete(label: str, question: str, key: str) -> bool:
-    """A two-step button: clicking ``label`` asks ``question``; returns True once when the user says yes."""
+    """A two-step button: clicking ``label`` asks ``question``; returns True when the user says yes.
+
+    The question stays up after "yes" (the caller reruns on success), so a refused delete can be retried.
+    """
     if not st.session_state.get(key):
         if st.button(label, key=f"{key}_ask"):
             st.session_state[key] = True
@@ -66,10 +73,7 @@ def confirm_delete(label: str, question: str, key: str) -> bool:
     if no.button("No, keep it", key=f"{key}_no", width="stretch"):
         st.session_state[key] = False
         st.rerun()
-    if yes.button("Yes, delete", key=f"{key}_yes", type="primary", width="stretch"):
-        st.session_state[key] = False
-        return True
-    return False
+    return yes.button("Yes, delete", key=f"{key}_yes", type="primary", width="stretch")
 
 
 # ------------------------------------------------------------------------------------------- jobs
@@ -80,14 +84,16 @@ def job_panel(kind: str) -> None:
 
     @st.fragment(run_every=JOB_POLL_SECONDS if polling else None)
     def panel() -> None:
-        supervise()  # restarts a worker that stopped while jobs still wait
+        pid = supervise()  # also restarts a worker that stopped while jobs still wait
         jobs = store.list_jobs(kind)
         if polling and not any(job.active for job in jobs):
             st.rerun()  # the last job just ended: refresh the whole page (model lists) and stop polling
-        active = [job for job in jobs if job.active]
-        finished = [job for job in jobs if not job.active][:FINISHED_JOBS_SHOWN]
+        st.caption("Worker: " + ("not running (it starts when a job is queued)" if pid is None else
+                                 "starting…" if pid < 0 else f"running, pid {pid}"))
         if not jobs:
             st.caption("No jobs yet.")
+        active = [job for job in jobs if job.active]
+        finished = [job for job in jobs if not job.active][:FINISHED_JOBS_SHOWN]
         for job in active + finished:
             _job_card(store, job)
 
@@ -99,16 +105,18 @@ def _job_card(store: Store, job: Job) -> None:
     with st.container(border=True, key=f"job_{job.id}"):
         head, button = st.columns([5, 1], vertical_alignment="center")
         head.markdown(title)
-        if job.active and button.button("Cancel", key=f"cancel_{job.id}", width="stretch",
-                                        disabled=job.cancel_requested):
-            store.request_cancel(job.id)
-            st.rerun(scope="fragment")
+        if job.active:
+            # A callback runs before the rerun it triggers, so this very rerun already shows the cancellation.
+            button.button("Cancel", key=f"cancel_{job.id}", width="stretch", disabled=job.cancel_requested,
+                          on_click=store.request_cancel, args=(job.id,))
         if job.status == QUEUED:
             st.caption(f"Waiting for the worker (queued {when(job.created_at)}).")
         elif job.status == RUNNING:
             _running(store, job)
         elif job.status == DONE:
             st.caption(f"{job.message} · took {duration(job.finished_at - job.started_at)} · {when(job.finished_at)}")
+            if job.kind == TRAIN:
+                st.page_link("pages/models.py", label="See it on the Models page", icon=ICONS["models"])
         elif job.status == FAILED:
             st.error(job.message or "failed")
         else:
@@ -116,7 +124,7 @@ def _job_card(store: Store, job: Job) -> None:
         if job.status != QUEUED:
             with st.expander("Loss curve and log", expanded=job.status == RUNNING):
                 _loss_chart(store, job)
-                st.code(store.job_log_tail(job.id) or "(no log yet)", language=None)
+                st.code(store.job_log_tail(job.id) or "(no log yet)", language=None, wrap_lines=True)
 
 
 def _running(store: Store, job: Job) -> None:

@@ -1,7 +1,23 @@
-"""kdcore: teacher-student (knowledge distillation) anomaly detection on images of normal products."""
+"""kdcore: teacher-student (knowledge distillation) anomaly detection on images of normal products.
+
+The public API is imported lazily: ``import kdcore.store`` (the web app, the job store) must not pay for
+importing torch, while ``kdcore.create_method`` and friends are one attribute access away.
+"""
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from kdcore.methods.base import AnomalyMethod, TrainProgress, load  # noqa: E402
-from kdcore.registry import create_method, list_methods  # noqa: E402
+_PUBLIC = {
+    "AnomalyMethod": "kdcore.methods.base",
+    "TrainProgress": "kdcore.methods.base",
+    "load": "kdcore.methods.base",
+    "create_method": "kdcore.registry",
+    "list_methods": "kdcore.registry",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
-__all__ = ["AnomalyMethod", "TrainProgress", "create_method", "list_methods", "load", "__version__"]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'kdcore' has no attribute {name!r}")

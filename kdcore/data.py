@@ -196,16 +196,16 @@ def _scan_test_folder(
     samples = []
     for path in _list_images(defect_dir):
         try:
-            size = _probe(path)
-        except _Unreadable as err:
+            size = probe_image(path)
+        except UnreadableImage as err:
             skipped.append((path, str(err)))
             continue
         mask_path = None
         if needs_mask:
             mask_path = _find_mask(path, mask_root / defect, masks)
             try:
-                mask_size = _probe(mask_path)
-            except _Unreadable as err:
+                mask_size = probe_image(mask_path)
+            except UnreadableImage as err:
                 skipped.append((path, f"its mask {mask_path} is unreadable: {err}"))
                 continue
             if mask_size != size:
@@ -249,8 +249,8 @@ def _usable_images(paths: list[Path], skipped: list[tuple[Path, str]]) -> list[P
     usable = []
     for path in paths:
         try:
-            _probe(path)
-        except _Unreadable as err:
+            probe_image(path)
+        except UnreadableImage as err:
             skipped.append((path, str(err)))
         else:
             usable.append(path)
@@ -310,7 +310,7 @@ def _is_hidden(path: Path) -> bool:
 def _list_images(folder: Path) -> list[Path]:
     """Sorted image files directly inside ``folder`` (not recursive); [] if it is missing.
 
-    Only the extension is checked here; whether the bytes decode is :func:`_probe`'s
+    Only the extension is checked here; whether the bytes decode is :func:`probe_image`'s
     job, so a broken link or unreadable file is reported rather than silently dropped.
     """
     if not folder.is_dir():
@@ -328,11 +328,11 @@ def _list_subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
 
 
-class _Unreadable(Exception):
+class UnreadableImage(Exception):
     """A file that cannot be decoded; the message is the reason shown to the user."""
 
 
-def _probe(path: Path) -> tuple[int, int]:
+def probe_image(path: Path) -> tuple[int, int]:
     """Fully decode ``path`` once and return its displayed (width, height).
 
     A header read (``Image.open`` alone, or ``verify()``) misses truncated files,
@@ -351,7 +351,7 @@ def _probe(path: Path) -> tuple[int, int]:
     # Pillow signals bad data with many exception types (OSError, SyntaxError,
     # ValueError, struct.error, DecompressionBombError...); all mean "unusable".
     except Exception as err:  # noqa: BLE001
-        raise _Unreadable(f"{type(err).__name__}: {err}") from err
+        raise UnreadableImage(f"{type(err).__name__}: {err}") from err
 
 
 def _wxh(size: tuple[int, int]) -> str:
@@ -381,7 +381,7 @@ def read_image(path: PathArg, size: int) -> np.ndarray:
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     """An already opened image (any mode and size) as ``uint8`` RGB of shape (size, size, 3), as ``read_image``."""
     size = _check_size(size)
-    small = _to_8bit(img).resize((size, size), Image.Resampling.BILINEAR)
+    small = to_8bit(img).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(small.convert("RGB"), dtype=np.uint8)
 
 
@@ -424,7 +424,7 @@ def _open(path: PathArg) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except Exception as err:  # noqa: BLE001 - see _probe
+    except Exception as err:  # noqa: BLE001 - see probe_image
         if img is not None:
             img.close()  # don't leak the file handle of a half-read image
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
@@ -434,7 +434,7 @@ def _open(path: PathArg) -> Image.Image:
     return upright
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit(img: Image.Image) -> Image.Image:
     """Convert to mode 'L' or 'RGB' (8 bits per channel), keeping gray as gray.
 
     Gray stays single-channel until after resizing: three times less work, same result.

@@ -63,8 +63,12 @@ class IngestReport:
         self.problems += other.problems
 
     def summary(self) -> str:
-        return (f"{len(self.added)} added, {len(self.duplicates)} duplicate(s) skipped, "
-                f"{len(self.problems)} file(s) not usable")
+        parts = [f"{len(self.added)} image(s) added"]
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} duplicate(s) skipped")
+        if self.problems:
+            parts.append(f"{len(self.problems)} file(s) not usable")
+        return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -254,17 +258,17 @@ def _copy(source: SourceFile, target: Path) -> tuple[Path, str, int]:
 
 
 def _decode(name: str, path: Path) -> tuple[int, int]:
-    # data._probe is the exact check load_dataset applies (a full decode), so whatever passes here trains.
+    # data.probe_image is the exact check load_dataset applies (a full decode), so whatever passes here trains.
     try:
-        return data._probe(path)
-    except data._Unreadable as exc:
+        return data.probe_image(path)
+    except data.UnreadableImage as exc:
         raise _NotUsable(name, f"not a readable image: {exc}") from exc
 
 
 def _write_thumbnail(image_path: Path, thumb_path: Path) -> None:
     with Image.open(image_path) as img:
         # 16-bit and float images need scaling, not clipping, to 8 bits: reuse the reader's conversion.
-        small = data._to_8bit(ImageOps.exif_transpose(img)).convert("RGB")
+        small = data.to_8bit(ImageOps.exif_transpose(img)).convert("RGB")
     small.thumbnail((THUMB_SIZE, THUMB_SIZE))
     small.save(thumb_path, "JPEG", quality=85)
 

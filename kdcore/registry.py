@@ -18,9 +18,9 @@ def register_method(cls: type["AnomalyMethod"]) -> type["AnomalyMethod"]:
 
 
 def list_methods() -> list[str]:
-    """Registry names of every available method, in registration order."""
+    """Registry names of every available method, sorted."""
     _import_builtin_methods()
-    return list(_METHODS)
+    return sorted(_METHODS)
 
 
 def get_method_class(name: str) -> type["AnomalyMethod"]:

@@ -235,16 +235,6 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 # ------------------------------------------------------------------------------------------- the store
 class Store:
     def __init__(self, root: str | Path | None = None):
@@ -398,9 +388,12 @@ class Store:
                         "width, height, source_name, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (dataset_id, image.split, image.defect, rel_image, rel_mask, rel_thumb, image.sha256,
                          image.bytes, image.width, image.height, image.source_name, now)).lastrowid)
-        except BaseException:
+        except BaseException as exc:
             for path in moved:  # the transaction rolled back: take the files back out too
                 path.unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.IntegrityError):  # callers filter known hashes, so only a race gets here
+                raise StoreError("another upload added some of these images at the same moment; nothing was "
+                                 "added, try again (duplicates will be skipped)") from exc
             raise
         return [_record(ImageRecord, row) for row in
                 self._query(f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))]

@@ -50,6 +50,9 @@ def show_counts(dataset, counts: dict) -> None:
     if normal < 10:
         st.info("Training holds 10 % of the normal images out for calibration and needs at least 2; "
                 "a few dozen or more give useful models.")
+    if normal >= 2:
+        st.page_link("pages/train.py", label="Train a model on this dataset", icon=ui.ICONS["train"],
+                     query_params={"dataset": dataset.id})
 
 
 def add_images(action) -> None:

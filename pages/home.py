@@ -17,15 +17,15 @@ steps = st.columns(3)
 with steps[0], st.container(border=True):
     st.markdown("**1. Collect images**  \nCreate a dataset per product and add its normal images "
                 "(a few dozen or more). Labelled defect images are optional; they let you measure models.")
-    st.page_link("pages/datasets.py", label="Datasets", icon="🗂️")
+    st.page_link("pages/datasets.py", label="Datasets", icon=ui.ICONS["datasets"])
 with steps[1], st.container(border=True):
     st.markdown("**2. Train**  \nPick a dataset and one or several methods. Training runs in the background: "
                 "you can close the tab and come back.")
-    st.page_link("pages/train.py", label="Train", icon="🏋️")
+    st.page_link("pages/train.py", label="Train", icon=ui.ICONS["train"])
 with steps[2], st.container(border=True):
     st.markdown("**3. Compare models**  \nSee every trained model with its hold-out scores, and evaluate it "
                 "on the labelled test images.")
-    st.page_link("pages/models.py", label="Models", icon="📦")
+    st.page_link("pages/models.py", label="Models", icon=ui.ICONS["models"])
 
 st.subheader("Now")
 counts = st.columns(3)

@@ -11,19 +11,30 @@ store = ui.get_store()
 st.title("Models")
 
 
-def table_row(model: Model) -> dict:
+def table_row(model: Model, with_metrics: bool) -> dict:
     holdout = model.calibration
-    metrics = model.metrics or {}
-    return {
+    row = {
         "id": model.id, "method": model.method, "dataset": model.dataset_name,
-        "image size": model.params.get("size"), "epochs": model.training.get("epochs_run"),
+        "size": model.params.get("size"), "epochs": model.training.get("epochs_run"),
         "trained": ui.when(model.created_at), "training time": ui.duration(model.training.get("seconds")),
-        "hold-out images": holdout["n"], "hold-out mean": holdout["mean"],
-        "hold-out p99": holdout["quantiles"]["0.99"], "hold-out max": holdout["max"],
+        "hold-out n": holdout["n"], "hold-out mean": holdout["mean"], "hold-out p99": holdout["quantiles"]["0.99"],
         "threshold": (model.threshold or {}).get("value"),
-        **{label: metrics.get(key) for key, label in METRICS.items()},
-        "file MB": round(model.file_bytes / 1e6, 1),
     }
+    if with_metrics:
+        row.update({label: (model.metrics or {}).get(key) for key, label in METRICS.items()})
+    row["file MB"] = round(model.file_bytes / 1e6, 1)
+    return row
+
+
+def models_table(models: list[Model]) -> None:
+    with_metrics = any(model.metrics for model in models)
+    numbers = {label: st.column_config.NumberColumn(format="%.4g")
+               for label in ["hold-out mean", "hold-out p99", "threshold"]}
+    numbers.update({label: st.column_config.NumberColumn(format="%.3f") for label in METRICS.values()})
+    st.dataframe([table_row(model, with_metrics) for model in models], hide_index=True, width="stretch",
+                 column_config=numbers)
+    if not with_metrics:
+        st.caption("Test metrics appear here once a model is evaluated on labelled test images.")
 
 
 def evaluation_blocker(model: Model) -> str | None:
@@ -40,17 +51,20 @@ def evaluation_blocker(model: Model) -> str | None:
 
 
 def details(model: Model) -> None:
-    left, right = st.columns(2)
-    with left:
-        st.markdown("**Parameters**")
-        st.json(model.params, expanded=False)
-        st.markdown("**Teacher weights**")
-        st.json(model.teacher_weights, expanded=False)
-    with right:
-        st.markdown("**Training**")
-        st.json(model.training, expanded=False)
-        st.markdown("**Hold-out scores** (normal images never trained on)")
-        st.json({k: v for k, v in model.calibration.items() if k != "scores"}, expanded=False)
+    n_holdout = model.calibration["n"]
+    if n_holdout < 10:
+        st.warning(f"Only {n_holdout} hold-out image(s) calibrate this model, so its threshold and hold-out "
+                   "statistics are rough: add more normal images (10 % are held out) and train again.")
+    with st.expander("Parameters, teacher weights, training and hold-out scores"):
+        left, right = st.columns(2)
+        left.markdown("**Parameters**")
+        left.json(model.params)
+        left.markdown("**Teacher weights**")
+        left.json(model.teacher_weights)
+        right.markdown("**Training**")
+        right.json(model.training)
+        right.markdown("**Hold-out scores** (normal images never trained on)")
+        right.json({k: v for k, v in model.calibration.items() if k != "scores"})
     st.caption(f"File: `{store.model_file(model)}`")
 
 
@@ -74,9 +88,9 @@ def actions(model: Model) -> None:
 models = store.list_models()
 if not models:
     st.info("No trained models yet.")
-    st.page_link("pages/train.py", label="Train one on the Train page", icon="🏋️")
+    st.page_link("pages/train.py", label="Train one on the Train page", icon=ui.ICONS["train"])
 else:
-    st.dataframe([table_row(model) for model in models], hide_index=True, width="stretch")
+    models_table(models)
     model = st.selectbox("Model", models, format_func=lambda m: f"#{m.id} {m.method} on {m.dataset_name} "
                                                                 f"({ui.when(m.created_at)})")
     details(model)

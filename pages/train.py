@@ -11,11 +11,12 @@ from kdcore.registry import get_method_class
 from kdcore.store import GOOD, TRAIN
 
 SIZES = list(range(64, 513, 32))  # methods need multiples of 32
+RECOMMENDED_METHOD = "stpm"  # preselected: the simplest and fastest to train
 WEIGHTS = {
-    "default": "Default: ImageNet weights shipped with kdcore (default backbone only, works offline)",
-    "imagenet": "ImageNet from the timm model hub (needs internet)",
+    "default": "ImageNet, offline (default backbone)",
+    "imagenet": "ImageNet from the timm hub (internet)",
     "file": "A weights file on the server",
-    "none": "None: random teacher (only for tests)",
+    "none": "None: random teacher (tests only)",
 }
 
 store = ui.get_store()
@@ -33,9 +34,12 @@ def choose_dataset():
     trainable = [d for d in datasets if normal[d.id] >= 2]
     if not trainable:
         st.info("No dataset with at least 2 normal images yet.")
-        st.page_link("pages/datasets.py", label="Add images on the Datasets page", icon="🗂️")
+        st.page_link("pages/datasets.py", label="Add images on the Datasets page", icon=ui.ICONS["datasets"])
         return None
-    return st.selectbox("Dataset", trainable, format_func=lambda d: f"{d.name} ({normal[d.id]} normal images)")
+    wanted = st.query_params.get("dataset", "")  # set by the Datasets page's "Train a model" link
+    index = next((i for i, d in enumerate(trainable) if str(d.id) == wanted), 0)
+    return st.selectbox("Dataset", trainable, index=index,
+                        format_func=lambda d: f"{d.name} ({normal[d.id]} normal images)")
 
 
 def common_settings() -> dict | None:
@@ -59,6 +63,8 @@ def common_settings() -> dict | None:
 
 
 def per_method_settings(methods: list[str]) -> dict[str, dict]:
+    if methods:
+        st.caption("Per method (preset to each method's own defaults)")
     settings = {}
     for name in methods:
         defaults = method_defaults(name)
@@ -85,7 +91,9 @@ def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:
 
 dataset = choose_dataset()
 if dataset is not None:
-    methods = st.multiselect("Methods", list_methods(), default=list_methods()[:1],
+    available = list_methods()
+    methods = st.multiselect("Methods", available, default=[RECOMMENDED_METHOD] if RECOMMENDED_METHOD in available
+                             else available[:1],
                              format_func=lambda name: f"{name} · {get_method_class(name).summary}")
     common = common_settings()
     per_method = per_method_settings(methods)

@@ -83,10 +83,10 @@ def test_datasets_page_creates_a_dataset_and_adds_uploads(store):
                                                 ("set.zip", zipped, "application/zip")]).run()
     by_label(at.button, "Add normal images").click().run()
 
-    assert "3 added, 1 duplicate(s) skipped, 1 file(s) not usable" in texts(at.success)
+    assert "3 image(s) added, 1 duplicate(s) skipped, 1 file(s) not usable" in texts(at.success)
     assert "set.zip/x/notes.txt" in at.dataframe[0].value.to_string()
     assert metric(at, "Normal training images") == "3"
-    assert len(at.get("imgs")) == 3  # the gallery: one thumbnail each
+    assert len(at.image) == 3  # the gallery: one thumbnail each
     assert at.file_uploader(key="normal_1").value in (None, [])  # uploader cleared for the next files
 
 
@@ -108,7 +108,7 @@ def test_datasets_page_adds_labelled_test_images_with_masks(store):
     at.file_uploader(key="test_0").set_value([("s1.png", png(7), "image/png")])
     at.file_uploader(key="masks_0").set_value([("s1_mask.png", png(8), "image/png")]).run()
     by_label(at.button, "Add test images").click().run()
-    assert "1 added" in texts(at.success)
+    assert "1 image(s) added" in texts(at.success)
     assert metric(at, "Defect test images") == "1" and metric(at, "Defect masks") == "yes"
     assert store.list_images(dataset.id, "test")[0].mask_path == "ground_truth/scratch/s1_mask.png"
 
@@ -146,6 +146,15 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert store.get_job(jobs["rd"].id).status == CANCELLED
 
 
+def test_train_page_preselects_the_dataset_it_was_linked_from(store):
+    dataset_with_images(store, name="first")
+    second = dataset_with_images(store, name="second")
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["dataset"] = str(second.id)
+    at.run().switch_page("pages/train.py").run()
+    assert by_label(at.selectbox, "Dataset").value == second
+
+
 def test_train_page_needs_an_existing_weights_file(store):
     dataset_with_images(store)
     at = open_page("pages/train.py")
@@ -167,12 +176,12 @@ def test_train_page_shows_a_running_job(store):
                               eta_seconds=75.0)
         store.job_log(job.id).write_text("epoch 1/3: loss 3\n")
         at = open_page("pages/train.py")
-    progress = at.progress[0]
-    assert progress.value == 40 and "epoch 2/3" in progress.text and "ETA 1 min 15 s" in progress.text
-    assert len(at.get("plotly_chart")) == 1
-    assert "epoch 1/3: loss 3" in texts(at.code)
-    at.button(key=f"cancel_{job.id}").click().run()
-    assert store.get_job(job.id).cancel_requested
+        progress = at.progress[0]
+        assert progress.value == 40 and "epoch 2/3" in progress.text and "ETA 1 min 15 s" in progress.text
+        assert len(at.get("plotly_chart")) == 1
+        assert "epoch 1/3: loss 3" in texts(at.code)
+        at.button(key=f"cancel_{job.id}").click().run()
+        assert store.get_job(job.id).cancel_requested and "stopping" in at.progress[0].text
 
 
 def test_app_start_fails_a_job_whose_worker_is_gone(store):
@@ -190,8 +199,9 @@ def test_models_page_lists_evaluates_and_deletes(store):
     model = fake_model(store, dataset)
     at = open_page("pages/models.py")
     row = at.dataframe[0].value.iloc[0]
-    assert (row["method"], row["dataset"], row["image size"], row["hold-out p99"]) == ("stpm", "cap", 64, 1.99)
-    assert row["training time"] == "12 s"
+    assert (row["method"], row["dataset"], row["size"], row["hold-out p99"]) == ("stpm", "cap", 64, 1.99)
+    assert row["training time"] == "12 s" and "image AUROC" not in row  # no model evaluated yet
+    assert "Only 2 hold-out image(s)" in texts(at.warning)
     assert by_label(at.button, "Evaluate on the test split").disabled
     assert "needs labelled test images" in texts(at.caption)
 
@@ -201,12 +211,15 @@ def test_models_page_lists_evaluates_and_deletes(store):
     by_label(at.button, "Evaluate on the test split").click().run()
     (evaluation,) = store.list_jobs(EVALUATE)
     assert evaluation.model_id == model.id and evaluation.status == QUEUED
+    store.set_model_metrics(model.id, {"image_auroc": 0.75, "pixel_auroc": None, "aupro": None, "f1_max": 0.8,
+                                       "aupr": 0.7, "n_images": 2, "n_defective": 1})
+    at.run()
+    assert at.dataframe[0].value.iloc[0]["image AUROC"] == 0.75
 
     by_label(at.button, "Delete this model…").click().run()
     by_label(at.button, "Yes, delete").click().run()
     assert "cancel it first" in texts(at.error)  # its evaluation is still queued
     store.request_cancel(evaluation.id)
-    by_label(at.button, "Delete this model…").click().run()
-    by_label(at.button, "Yes, delete").click().run()
+    by_label(at.button, "Yes, delete").click().run()  # the question stays up, so trying again is one click
     assert store.list_models() == [] and not store.model_file(model).exists()
     assert "No trained models yet" in texts(at.info)

@@ -1,0 +1,175 @@
+"""End to end in a real browser: `streamlit run app.py` driven by Playwright with Debian's Chromium.
+
+One user journey: create a dataset, upload a zip of normal images, train a tiny STPM to done (in the worker the
+app starts), find the model on the Models page. Screenshots of every page go to test-artifacts/screenshots/.
+Never run `playwright install`: the browser is /usr/bin/chromium (scripts/setup --browser).
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import synthetic
+from kdcore.store import Store
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+TRAINING_TIMEOUT_MS = 240_000
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM} (scripts/setup --browser)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app on a free port with an empty data directory; stops it and the worker it started afterwards."""
+    data_dir = tmp_path_factory.mktemp("e2e-data")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(data_dir / "streamlit.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env={**os.environ, "KDCORE_DATA_DIR": str(data_dir)}, stdout=log, stderr=subprocess.STDOUT)
+    store = Store(data_dir)
+    try:
+        wait_for_health(url, process)
+        yield url, store
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+        worker_pid = store.worker_pid()
+        if worker_pid and worker_pid > 0:
+            os.kill(worker_pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def wait_idle(page) -> None:
+    """Until the script run has finished (the selector Streamlit's own browser tests use)."""
+    page.locator("[data-testid='stApp'][data-test-script-state='notRunning']").wait_for()
+
+
+def open_from_sidebar(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    wait_idle(page)
+
+
+def wait_images_loaded(page) -> None:
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stImage] img')]"
+                           ".every(img => img.complete && img.naturalWidth > 0)")
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+
+def normal_images_zip(path: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(n):
+            buffer = io.BytesIO()
+            Image.fromarray(np.uint8(synthetic.texture(rng, 64) * 255)).save(buffer, "PNG")
+            archive.writestr(f"good/part_{i:02d}.png", buffer.getvalue())
+    return path
+
+
+def test_create_upload_train_and_find_the_model(app, page, tmp_path):
+    url, store = app
+    page.goto(url)
+    page.get_by_text("Where to start").wait_for()
+    wait_idle(page)
+    screenshot(page, "1-home")
+
+    open_from_sidebar(page, "Datasets")
+    page.get_by_label("Name").fill("bottle cap")
+    page.get_by_role("button", name="Create dataset").click()
+    page.get_by_text("Add normal images").first.wait_for()
+    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(normal_images_zip(tmp_path / "good.zip"))
+    page.get_by_role("button", name="Add normal images").click()
+    page.get_by_text("12 image(s) added").wait_for()
+    wait_idle(page)
+    sync_api.expect(page.get_by_test_id("stImage")).to_have_count(12)  # the gallery
+    wait_images_loaded(page)
+    assert store.dataset_counts(store.list_datasets()[0].id) == {("train", "good"): 12}
+    screenshot(page, "2-datasets")
+
+    page.get_by_text("Train a model on this dataset").click()
+    page.get_by_role("heading", name="Train", exact=True).wait_for()
+    wait_idle(page)
+    page.get_by_role("slider").first.press("Home")  # image size: the smallest, 64 px
+    wait_idle(page)
+    page.get_by_label("Epochs").fill("1")
+    page.get_by_label("Epochs").press("Enter")
+    wait_idle(page)
+    started = time.monotonic()
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Queued 1 job(s)").wait_for()
+    (job,) = store.list_jobs()
+    assert (job.method, job.params["size"], job.params["epochs"]) == ("stpm", 64, 1)
+    try:  # the polling page shows the job's progress while it runs (unless it ran faster than one poll)
+        page.get_by_test_id("stProgress").first.wait_for(timeout=TRAINING_TIMEOUT_MS)
+        screenshot(page, "3-train-running")
+    except sync_api.TimeoutError:
+        pass
+    page.get_by_text("model 1 saved").first.wait_for(timeout=TRAINING_TIMEOUT_MS)
+    seconds = time.monotonic() - started
+    wait_idle(page)
+    page.get_by_text("Loss curve and log").click()  # open it, to see the chart in the screenshot
+    page.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
+    page.wait_for_timeout(1000)  # the expander's opening animation
+    screenshot(page, "4-train-done")
+    print(f"\ntiny training, click to finished model: {seconds:.1f} s")
+    (SCREENSHOTS.parent / "e2e-timing.txt").write_text(f"click to finished model: {seconds:.1f} s\n")
+
+    open_from_sidebar(page, "Models")
+    page.get_by_test_id("stDataFrame").wait_for()
+    screenshot(page, "5-models")
+    assert store.list_models()[0].method == "stpm"
+    page.get_by_text("models/1.pt").wait_for()  # the selected model's file (the table itself is a canvas)
