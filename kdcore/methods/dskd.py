@@ -2,7 +2,7 @@
 (Yao and Gao, 2024, arXiv 2402.00448).
 
 Only the abstract is public and no code was found, so this is our reading of it, not the authors' design.
-The abstract describes one frozen pretrained teacher and two students "of the same scale but inverted
+The abstract describes one frozen pretrained teacher and two students with "the same scale but inverted
 structures" that learn by "pyramid matching" of multi-scale intermediate features and interact through a
 deep-feature (DF) embedding; pixel-wise teacher–student discrepancies, fused across scales, give the map.
 
@@ -16,9 +16,11 @@ Network:
   learned of normal images as well as from the teacher.
 - Reverse student Sd: RD's ``ReverseDecoder`` fed the embedding, producing the three levels deep to shallow.
 
-Gradients of Sd's loss flow into Se through the embedding (nothing is detached). The abstract's point is that
-the students learn together ("group discussion") rather than side by side, and Se's own matching loss keeps
-its features tied to the teacher's, so Sd's pull cannot move them far from what the map measures.
+Gradients of Sd's loss flow into Se through the embedding (nothing is detached). The paper's point is that
+the students learn together ("group discussion") rather than side by side; Se's own matching loss keeps its
+features tied to the teacher's, so Sd only shapes them within what Se must match anyway. On the synthetic test
+set, detaching Se's features at the embedding lowered the image AUROC (0.63 vs 0.98 after 5 epochs at lr 0.005),
+mostly through a weaker Sd.
 
 Loss ("pyramid matching" for both students): ``sum_levels mean_positions (1 - cos(t, s))`` per pixel, for Se
 and for Sd, added with equal weight. For Se this is STPM's paper loss (½·||t̂ - ŝ||² = 1 - cos); for Sd it is
@@ -30,9 +32,10 @@ Gaussian blur σ = 4), averaged over the two students; blurring is linear, so th
 the two summed maps. Image score = max of the map. Model selection as in the base: the epoch with the lowest
 mean normal hold-out score.
 
-Optimiser: one Adam over Se, the embedding and Sd with RD's lr 0.005 and betas (0.5, 0.999); the paper's
-hyper-parameters are not public, and RD's Adam also trains a randomly initialised student well here, while
-STPM's SGD lr 0.4 would be far too large for the decoder.
+Optimiser: one Adam over Se, the embedding and Sd, betas (0.5, 0.999) as in RD, lr 0.002. The paper's
+hyper-parameters are not public. STPM's SGD lr 0.4 would be far too large for the decoder, RD's Adam lr 0.005
+is tuned for a decoder alone, and Adam-trained random-init students (US, EfficientAD) use 1e-4 to 1e-3; on the
+synthetic test set 0.002 learned faster and steadier than 0.005 and 0.01.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.base import AnomalyMethod, MethodConfig
-from kdcore.methods.rd import OCBE, ReverseDecoder, conv_bn_relu, rd_anomaly_map
+from kdcore.methods.base import AnomalyMethod
+from kdcore.methods.rd import OCBE, RDConfig, ReverseDecoder, conv_bn_relu, rd_anomaly_map
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -106,23 +109,15 @@ class DSKDNetwork(nn.Module):
 
 
 @dataclass
-class DSKDConfig(MethodConfig):
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 0.005
-    betas: tuple[float, float] = (0.5, 0.999)
-    bottleneck_blocks: int = 2
-    decoder_blocks: int = 2
+class DSKDConfig(RDConfig):
+    """RD's parameters (the embedding holds an OCBE, Sd is RD's decoder); one lr for both students."""
+
+    lr: float = 0.002
 
     def validate(self) -> None:
         super().validate()
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.bottleneck_blocks < 1 or self.decoder_blocks < 1:
-            raise ValueError("bottleneck_blocks and decoder_blocks must be at least 1")
-        self.betas = tuple(self.betas)
 
 
 @register_method

@@ -321,8 +321,8 @@ def min_dense_size(patch_size: int) -> int:
 PRESETS: dict[str, dict] = {
     "paper": dict(patch_sizes=(17, 33, 65), n_students=3, width=1.0, teacher_steps=50_000,
                   epochs=100, batch_size=1, lr=1e-4),
-    "fast": dict(patch_sizes=(33,), n_students=3, width=0.25, crop_size=32, teacher_steps=500,
-                 epochs=4, batch_size=8, lr=1e-3),
+    "fast": dict(patch_sizes=(33,), n_students=3, width=0.25, crop_size=64, teacher_steps=200,
+                 epochs=1, batch_size=4, lr=1e-3),
 }
 
 
@@ -345,7 +345,7 @@ class USConfig(MethodConfig):
     teacher_batch_size: int = 64
     teacher_lr: float = 2e-4
     teacher_weight_decay: float = 1e-5
-    distill_size: int = 64
+    distill_size: int | None = None  # side the patches are resized to for the backbone; None: p rounded to 32
     kd_weight: float = 1.0
     compact_weight: float = 1.0
     metric_weight: float = 1.0
@@ -376,7 +376,8 @@ class USConfig(MethodConfig):
         _check_int(self, "descriptor_dim", 1)
         _check_int(self, "teacher_steps", 1)
         _check_int(self, "teacher_batch_size", 2, why=" (correlations and negatives need a batch)")
-        _check_int(self, "distill_size", 32, why=" (the backbone's stride-32 level must exist)")
+        if self.distill_size is not None:
+            _check_int(self, "distill_size", 32, why=" (the backbone's stride-32 level must exist)")
         _check_int(self, "crop_size", 1)
         needed = max(64, *(min_dense_size(p) for p in self.patch_sizes))
         if not isinstance(self.dense_size, int) or not needed <= self.dense_size <= self.size:
@@ -452,10 +453,13 @@ class UninformedStudents(AnomalyMethod):
         optimizer = torch.optim.Adam(trainable, lr=c.teacher_lr, weight_decay=c.teacher_weight_decay)
         weights = (c.kd_weight, c.compact_weight, c.metric_weight)
         report_every = max(1, c.teacher_steps // 10)
+        patch_size = scale.teacher.patch_size
+        # About the patch's own resolution: the backbone neither invents detail nor loses it.
+        distill_size = c.distill_size or max(32, 32 * round(patch_size / 32))
         loss, step = float("nan"), 0
         for step in range(1, c.teacher_steps + 1):
-            anchors, positives = sample_patch_pairs(images, scale.teacher.patch_size, c.teacher_batch_size)
-            targets = backbone_descriptor(self.net.backbone, anchors, c.distill_size)
+            anchors, positives = sample_patch_pairs(images, patch_size, c.teacher_batch_size)
+            targets = backbone_descriptor(self.net.backbone, anchors, distill_size)
             with self._autocast():
                 batch_loss = teacher_loss(scale, anchors, positives, targets, weights, c.triplet_margin)
             optimizer.zero_grad(set_to_none=True)
