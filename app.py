@@ -12,6 +12,9 @@ page = st.navigation([
     st.Page("pages/datasets.py", title="Datasets", icon=ui.ICONS["datasets"]),
     st.Page("pages/train.py", title="Train", icon=ui.ICONS["train"]),
     st.Page("pages/models.py", title="Models", icon=ui.ICONS["models"]),
+    st.Page("pages/compare.py", title="Compare", icon=ui.ICONS["compare"]),
+    st.Page("pages/thresholds.py", title="Thresholds", icon=ui.ICONS["thresholds"]),
+    st.Page("pages/inspect.py", title="Inspect", icon=ui.ICONS["inspect"]),
 ])
 st.sidebar.caption(f"Data: `{ui.get_store().root}`")
 page.run()

@@ -13,14 +13,16 @@ from datetime import datetime
 import plotly.graph_objects as go
 import streamlit as st
 
-from kdcore import worker
-from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Store, default_data_dir
+from kdcore import review, worker
+from kdcore.data import IMAGE_EXTENSIONS
+from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
 JOB_POLL_SECONDS = 2.0
 FINISHED_JOBS_SHOWN = 6
 # Material icons ship with Streamlit's font, so unlike emoji they render on machines without an emoji font.
 ICONS = {"home": ":material/home:", "datasets": ":material/photo_library:", "train": ":material/model_training:",
-         "models": ":material/inventory_2:"}
+         "models": ":material/inventory_2:", "compare": ":material/compare:", "thresholds": ":material/tune:",
+         "inspect": ":material/fact_check:"}
 _STATUS_ICONS = {QUEUED: ":material/schedule:", RUNNING: ":material/autorenew:", DONE: ":material/check_circle:",
                  FAILED: ":material/error:", CANCELLED: ":material/cancel:"}
 
@@ -158,3 +160,74 @@ def _loss_chart(store: Store, job: Job) -> None:
                          yaxis_title="loss", yaxis2=dict(title="hold-out score", overlaying="y", side="right"),
                          legend=dict(orientation="h", y=1.15))
     st.plotly_chart(figure, key=f"loss_{job.id}")
+
+
+# ------------------------------------------------------------------------------------------- review pages
+IMAGE_TYPES = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # for file uploaders of images
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
+def _loaded_method(model_id: int, created_at: float, path: str):
+    # created_at is part of the key: SQLite may give a deleted model's id to a new one.
+    from kdcore import load
+    return load(path)
+
+
+def load_method(model: Model):
+    """The model, loaded once per app process and shared by all sessions (``kdcore.review`` locks inference)."""
+    return _loaded_method(model.id, model.created_at, str(get_store().model_file(model)))
+
+
+def trained_models() -> list[Model]:
+    """All models, newest first; with none, says where to get one and stops the page."""
+    models = get_store().list_models()
+    if not models:
+        st.info("No trained models yet.")
+        st.page_link("pages/train.py", label="Train one on the Train page", icon=ICONS["train"])
+        st.stop()
+    return models
+
+
+def model_label(model: Model) -> str:
+    return f"#{model.id} {model.method} on {model.dataset_name} ({model.params.get('size')} px)"
+
+
+def threshold_label(threshold: dict) -> str:
+    """E.g. "6.813 (percentile 99 of the hold-out normals, set 2026-11-23)"."""
+    return f"{threshold['value']:.4g} ({review.describe_threshold(threshold)}, set {threshold['date'][:10]})"
+
+
+def verdict_badge(verdict: str) -> str:
+    """Markdown for an OK/NG badge, to put in a line of text."""
+    if verdict == review.NG:
+        return ":red-badge[:material/error: NG]"
+    return ":green-badge[:material/check_circle: OK]"
+
+
+def pick_from_url(label: str, items: list, param: str, format_func) -> object:
+    """A selectbox of records (with an ``id``) whose choice lives in the URL (?param=ID), so a reload or a
+    shared link keeps it.
+
+    The options are the ids, not the records: a selectbox may hand back the record it returned on an earlier
+    run, which would be stale after a change (e.g. a model's threshold just saved).
+    """
+    by_id = {item.id: item for item in items}
+    wanted = st.query_params.get(param, "")
+    ids = list(by_id)
+    index = ids.index(int(wanted)) if wanted.isdigit() and int(wanted) in by_id else 0
+    choice = st.selectbox(label, ids, index=index, format_func=lambda item_id: format_func(by_id[item_id]))
+    st.query_params[param] = str(choice)
+    return by_id[choice]
+
+
+def progress_bar(text: str):
+    """An ``on_progress(done, total)`` for ``kdcore.review`` that shows a bar only while a model runs."""
+    bar = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or st.empty()
+        if done < total:
+            bar.progress(done / total, text=f"{text}: scoring {total} new image(s)…")
+        else:
+            bar.empty()
+
+    return on_progress

@@ -9,6 +9,8 @@ Layout of the data directory (``KDCORE_DATA_DIR``, default ``./kdcore_data``)::
     datasets/<id>/thumbs/        small JPEGs for the gallery (ignored by load_dataset)
     models/<id>.pt               trained models (``kdcore.load``)
     jobs/<id>.log                one log per job
+    maps/<model id>/<sha256>.npy anomaly maps cached by the review pages (the scores are rows in the database)
+    uploads/<sha256>.<ext>       images uploaded for review (Compare, Inspect), by content
     worker.lock                  held (flock) by the one running worker; holds its pid
     worker.log                   stdout/stderr of a worker started by the app
     tmp/                         staging area: files appear in their final place only by os.replace
@@ -117,6 +119,32 @@ CREATE TABLE IF NOT EXISTS job_points (
     holdout_score REAL,
     elapsed_seconds REAL NOT NULL
 );
+-- The review pages (kdcore.review): each model scores an image (identified by content) once.
+CREATE TABLE IF NOT EXISTS scores (
+    model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    score REAL NOT NULL,         -- its map is maps/<model_id>/<sha256>.npy, written before this row
+    PRIMARY KEY (model_id, sha256)
+);
+CREATE TABLE IF NOT EXISTS inspections (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,        -- the server folder, or 'upload'
+    threshold TEXT NOT NULL,     -- the model's threshold (JSON) when it ran: the verdicts' reference
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inspection_images (
+    inspection_id INTEGER NOT NULL REFERENCES inspections(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,          -- absolute
+    PRIMARY KEY (inspection_id, sha256)
+);
+CREATE TABLE IF NOT EXISTS qa_labels (
+    sha256 TEXT PRIMARY KEY,     -- QA's word on what an image really shows, whatever model judged it
+    label INTEGER NOT NULL CHECK (label IN (0, 1)),  -- 0 normal, 1 defective
+    marked_at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
 CREATE INDEX IF NOT EXISTS images_by_split ON images (dataset_id, split, defect);
 """
@@ -214,6 +242,16 @@ class Model:
     file_bytes: int
     job_id: int | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class Inspection:
+    id: int
+    model_id: int
+    source: str
+    threshold: dict
+    created_at: float
+    n_images: int
 
 
 _JSON_FIELDS = {"params", "teacher_weights", "training", "calibration", "threshold", "metrics"}
@@ -354,13 +392,9 @@ class Store:
 
     def find_images_by_hash(self, dataset_id: int, hashes: list[str]) -> dict[str, str]:
         """sha256 → path (in the dataset) for those of ``hashes`` the dataset already holds."""
-        found = {}
-        for start in range(0, len(hashes), 500):  # stay under SQLite's limit on bound parameters
-            chunk = hashes[start:start + 500]
-            rows = self._query(f"SELECT sha256, path FROM images WHERE dataset_id = ? AND sha256 IN "
-                               f"({','.join('?' * len(chunk))})", (dataset_id, *chunk))
-            found.update((row["sha256"], row["path"]) for row in rows)
-        return found
+        rows = self._rows_in("SELECT sha256, path FROM images WHERE dataset_id = ? AND sha256 IN ({})",
+                             (dataset_id,), hashes)
+        return {row["sha256"]: row["path"] for row in rows}
 
     def defect_mask_state(self, dataset_id: int) -> bool | None:
         """Whether the dataset's defect images have masks: True, False, or None while it has none."""
@@ -605,6 +639,80 @@ class Store:
                 raise StoreError("an evaluation of this model is queued or running: cancel it first")
             conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
         self.model_file(model).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "maps" / str(model_id), ignore_errors=True)
+
+    # ------------------------------------------------------------------------------- review (kdcore.review)
+    def map_file(self, model_id: int, sha256: str) -> Path:
+        return self.root / "maps" / str(model_id) / f"{sha256}.npy"
+
+    def upload_file(self, sha256: str, suffix: str) -> Path:
+        return self.root / "uploads" / f"{sha256}{suffix}"
+
+    def set_model_threshold(self, model_id: int, threshold: dict) -> None:
+        with self._connect() as conn:
+            conn.execute("UPDATE models SET threshold = ? WHERE id = ?", (json.dumps(threshold), model_id))
+
+    def cached_scores(self, model_id: int, hashes: Sequence[str]) -> dict[str, float]:
+        """sha256 → score for those of ``hashes`` the model has scored."""
+        return {row["sha256"]: row["score"] for row in self._rows_in(
+            "SELECT sha256, score FROM scores WHERE model_id = ? AND sha256 IN ({})", (model_id,), hashes)}
+
+    def add_scores(self, model_id: int, scores: dict[str, float]) -> None:
+        with self._connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO scores (model_id, sha256, score) VALUES (?, ?, ?)",
+                             [(model_id, sha, score) for sha, score in scores.items()])
+
+    def create_inspection(self, model_id: int, source: str, threshold: dict,
+                          images: Sequence[tuple[str, str, str]]) -> int:
+        """Record an inspection of (sha256, name, absolute path) images; an image listed twice counts once."""
+        with self._connect() as conn:
+            inspection_id = conn.execute(
+                "INSERT INTO inspections (model_id, source, threshold, created_at) VALUES (?, ?, ?, ?)",
+                (model_id, source, json.dumps(threshold), time.time())).lastrowid
+            conn.executemany("INSERT OR IGNORE INTO inspection_images (inspection_id, sha256, name, path) "
+                             "VALUES (?, ?, ?, ?)", [(inspection_id, *image) for image in images])
+        return inspection_id
+
+    _INSPECTIONS = ("SELECT inspections.*, (SELECT COUNT(*) FROM inspection_images "
+                    "WHERE inspection_id = inspections.id) AS n_images FROM inspections")
+
+    def get_inspection(self, inspection_id: int) -> Inspection:
+        rows = self._query(f"{self._INSPECTIONS} WHERE id = ?", (inspection_id,))
+        if not rows:
+            raise StoreError(f"inspection {inspection_id} does not exist (its model deleted?)")
+        return _record(Inspection, rows[0])
+
+    def list_inspections(self, model_id: int, limit: int = 20) -> list[Inspection]:
+        """Newest first."""
+        rows = self._query(f"{self._INSPECTIONS} WHERE model_id = ? ORDER BY id DESC LIMIT ?", (model_id, limit))
+        return [_record(Inspection, row) for row in rows]
+
+    def inspection_images(self, inspection_id: int) -> list[tuple[str, str, str]]:
+        """(sha256, name, path) of the inspection's images, in the order they were given."""
+        rows = self._query("SELECT sha256, name, path FROM inspection_images WHERE inspection_id = ? "
+                           "ORDER BY rowid", (inspection_id,))
+        return [tuple(row) for row in rows]
+
+    def set_qa_label(self, sha256: str, label: int | None) -> None:
+        """Record (or with None, forget) what QA says an image shows: 0 normal, 1 defective."""
+        with self._connect() as conn:
+            if label is None:
+                conn.execute("DELETE FROM qa_labels WHERE sha256 = ?", (sha256,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO qa_labels (sha256, label, marked_at) VALUES (?, ?, ?)",
+                             (sha256, label, time.time()))
+
+    def qa_labels(self, hashes: Sequence[str]) -> dict[str, int]:
+        return {row["sha256"]: row["label"] for row in self._rows_in(
+            "SELECT sha256, label FROM qa_labels WHERE sha256 IN ({})", (), hashes)}
+
+    def _rows_in(self, sql: str, params: tuple, values: Sequence) -> list[sqlite3.Row]:
+        """Run ``sql`` whose ``{}`` is an IN list, over ``values`` in chunks (SQLite limits bound parameters)."""
+        rows = []
+        for start in range(0, len(values), 500):
+            chunk = values[start:start + 500]
+            rows += self._query(sql.format(",".join("?" * len(chunk))), (*params, *chunk))
+        return rows
 
     # ------------------------------------------------------------------------------- the worker lock
     @property

@@ -1,0 +1,158 @@
+"""Compare: one image, two to five models side by side. Thresholds only recolour maps computed once per model."""
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import ui
+from kdcore import data, review
+
+MAX_MODELS = 5
+HOVER_CELLS = 64  # the detail view's hover grid per side: enough to read scores, small enough to send quickly
+
+store = ui.get_store()
+st.title("Compare")
+st.caption("Where do models disagree? Each column shows one model's heatmap over the same image: the white "
+           "outline is the region above that model's threshold, magenta the ground truth when the image has one.")
+
+
+def step(key: str, delta: int, count: int) -> None:
+    st.session_state[key] = (st.session_state.get(key, 0) + delta) % count
+
+
+def dataset_image():
+    """A test image of a dataset, with previous/next buttons, and the dataset's id; None when there is none."""
+    datasets = [d for d in store.list_datasets() if any(split == "test" for split, _ in store.dataset_counts(d.id))]
+    if not datasets:
+        st.info("No dataset has test images yet: upload an image, or add labelled test images on the Datasets page.")
+        return None, None
+    dataset = ui.pick_from_url("Dataset", datasets, "dataset", lambda d: d.name)
+    images = review.dataset_images(store, dataset.id)
+    key = f"compare_image_{dataset.id}"
+    back, choice, forward = st.columns([1.2, 6, 1.2], vertical_alignment="bottom")
+    back.button("Previous", icon=":material/chevron_left:", on_click=step, args=(key, -1, len(images)),
+                width="stretch")
+    forward.button("Next", icon=":material/chevron_right:", on_click=step, args=(key, 1, len(images)),
+                   width="stretch")
+    index = choice.selectbox("Test image", range(len(images)), key=key,
+                             format_func=lambda i: f"{i + 1}/{len(images)} · {images[i].defect} · {images[i].name}")
+    return images[index], dataset.id
+
+
+def uploaded_image():
+    file = st.file_uploader("An image", type=ui.IMAGE_TYPES, key="compare_upload")
+    if file is None:
+        return None, None
+    images, problems = review.upload_images(store, [(file.name, file.getvalue())])
+    for name, why in problems:
+        st.error(f"{name}: {why}")
+    return (images[0] if images else None), None
+
+
+def default_models(models, dataset_id):
+    """The newest models trained on the image's dataset (else the newest of all), at most MAX_MODELS."""
+    own = [m for m in models if m.dataset_id == dataset_id]
+    return (own or models)[:MAX_MODELS]
+
+
+def slider_key(model) -> str:
+    return f"compare_threshold_{model.id}"
+
+
+def follow(moved, models) -> None:
+    """With sync on, move every other threshold to the moved one's position on its own normalised scale."""
+    if not st.session_state.get("compare_sync"):
+        return
+    position = review.to_normalized(st.session_state[slider_key(moved)], moved)
+    for model in models:
+        low, high, _ = review.threshold_range(model)
+        st.session_state[slider_key(model)] = min(max(review.from_normalized(position, model), low), high)
+
+
+def reset(models) -> None:
+    for model in models:
+        st.session_state[slider_key(model)] = review.saved_threshold(model)
+
+
+def threshold_slider(model, models) -> float:
+    low, high, step = review.threshold_range(model)
+    key = slider_key(model)
+    # Clamped: a saved threshold may have moved the range since this session last set the slider.
+    st.session_state[key] = min(max(st.session_state.get(key, review.saved_threshold(model)), low), high)
+    threshold = st.slider("Threshold", low, high, key=key, step=step, format="%.4g",
+                          on_change=follow, args=(model, models))
+    st.caption(f"normalised {review.to_normalized(threshold, model):.2f} · saved "
+               f"{review.saved_threshold(model):.4g}")
+    return threshold
+
+
+def model_column(model, models, image, picture, mask, score) -> tuple:
+    """One model's column; returns its overlay and its map at the display size, for the detail view."""
+    st.markdown(f"**#{model.id} {model.method}** · {model.params['size']} px", help=ui.model_label(model))
+    image_slot, verdict_slot = st.empty(), st.empty()
+    threshold = threshold_slider(model, models)  # drawn below the picture, but needed to draw it
+    anomaly_map = review.resize_map(review.load_map(store, model, image), picture.shape[0])
+    overlay = review.render(picture, anomaly_map, threshold, model, mask)
+    image_slot.image(overlay, width="stretch")
+    verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(review.verdict(score, threshold))}")
+    return overlay, anomaly_map
+
+
+def detail_view(models, overlays, maps) -> None:
+    """Plotly subplots with matched axes: zooming or panning one model zooms them all."""
+    figure = make_subplots(1, len(models), shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
+                           subplot_titles=[f"#{m.id} {m.method}" for m in models])
+    for column, (overlay, anomaly_map) in enumerate(zip(overlays, maps), start=1):
+        figure.add_trace(go.Image(source=review.png_data_url(overlay), hoverinfo="skip"), 1, column)
+        factor = max(1, anomaly_map.shape[0] // HOVER_CELLS)
+        grid = anomaly_map[factor // 2::factor, factor // 2::factor]
+        figure.add_trace(go.Heatmap(z=grid, x0=factor // 2, dx=factor, y0=factor // 2, dy=factor, opacity=0,
+                                    showscale=False, hovertemplate="x %{x}, y %{y}<br>map %{z:.4g}<extra></extra>"),
+                         1, column)
+    figure.update_xaxes(matches="x", showticklabels=False)
+    figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
+    # Square pictures side by side in the page's width (about 900 px): the height that leaves no blank bands.
+    figure.update_layout(height=900 // len(models) + 40, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom")
+    st.plotly_chart(figure, key="compare_detail", config={"scrollZoom": True})
+
+
+@st.fragment
+def viewer(image, models, scores) -> None:
+    """Sliders and pictures: a slider move reruns only this, from the cached maps."""
+    sync_col, reset_col = st.columns([3, 1], vertical_alignment="center")
+    sync_col.toggle("Sync thresholds", key="compare_sync", on_change=follow, args=(models[0], models),
+                    help="Move all thresholds together on each model's normalised scale (its hold-out score "
+                         "range, with its saved threshold at 0.5, as anomalib normalises). Switching it on "
+                         "aligns every column on the first.")
+    reset_col.button("Reset to saved", on_click=reset, args=(models,), width="stretch",
+                     help="Put every slider back on its model's saved threshold.")
+    size = max(model.params["size"] for model in models)
+    picture = data.read_image(image.path, size)
+    mask = data.read_mask(image.mask_path, size) if image.mask_path else None
+    columns = st.columns(len(models))
+    shown = []
+    for column, model in zip(columns, models):
+        with column:
+            shown.append(model_column(model, models, image, picture, mask, scores[model.id]))
+    if st.toggle("Zoomable detail view", key="compare_detail_on",
+                 help="Zoom or pan one picture (drag a box, scroll, double-click to reset): all follow."):
+        detail_view(models, *zip(*shown))
+
+
+models = ui.trained_models()
+
+from_dataset, from_upload = "A dataset's test image", "An uploaded image"
+source = st.radio("Image", [from_dataset, from_upload], horizontal=True, label_visibility="collapsed")
+image, dataset_id = dataset_image() if source == from_dataset else uploaded_image()
+if image is None:
+    st.stop()
+by_id = {model.id: model for model in models}  # ids as options: widgets may return records of an earlier run
+chosen = [by_id[i] for i in st.multiselect("Models (two to five)", list(by_id), max_selections=MAX_MODELS,
+                                           default=[m.id for m in default_models(models, dataset_id)],
+                                           format_func=lambda i: ui.model_label(by_id[i]), key="compare_models")]
+if not chosen:
+    st.stop()
+if len(chosen) == 1:
+    st.caption("Add a second model to compare.")
+scores = {model.id: review.score_images(store, model, [image], ui.load_method,
+                                        ui.progress_bar(ui.model_label(model)))[0] for model in chosen}
+viewer(image, chosen, scores)

@@ -1,0 +1,150 @@
+"""Inspect: run a model with its saved threshold on new images; QA marks the verdicts; export; learn from mistakes."""
+import math
+
+import streamlit as st
+
+import ui
+from kdcore import ingest, review
+from kdcore.data import DataError
+from kdcore.store import StoreError
+
+ROWS_PER_PAGE = 20
+NOT_REVIEWED = "not reviewed"
+FILTERS = {"all": lambda row: True, "NG": lambda row: row.verdict == review.NG,
+           "OK": lambda row: row.verdict == review.OK, "not reviewed": lambda row: row.qa_mark is None,
+           "marked wrong": lambda row: row.qa_mark == "wrong"}
+
+store = ui.get_store()
+st.title("Inspect")
+
+
+def run(model, images, problems, source: str) -> None:
+    """Score the images into a new inspection and show it (its id goes in the URL, so a reload keeps it)."""
+    st.session_state.inspect_problems = problems
+    if images:
+        inspection_id = review.run_inspection(store, model, images, source, ui.load_method,
+                                              ui.progress_bar(ui.model_label(model)))
+        st.query_params["inspection"] = str(inspection_id)
+    st.session_state.inspect_uploads = st.session_state.get("inspect_uploads", 0) + 1  # a new, empty uploader
+    st.rerun()
+
+
+def inputs(model) -> None:
+    folder_tab, upload_tab = st.tabs(["A folder on the server", "Upload images"])
+    # A form: typing the path and clicking the button is one action (a bare text input commits on Enter or blur,
+    # so the first click would only commit the text).
+    with folder_tab, st.form("inspect_folder", border=False):
+        folder = st.text_input("Folder path", placeholder="/data/line3/2026-11-23").strip()
+        if st.form_submit_button("Inspect folder", type="primary") and folder:
+            try:
+                images, problems = review.folder_images(folder)
+            except ingest.RejectedUpload as exc:
+                images, problems = [], [(folder, str(exc))]
+            run(model, images, problems, folder)
+    with upload_tab:
+        files = st.file_uploader("Images", type=ui.IMAGE_TYPES, accept_multiple_files=True,
+                                 key=f"inspect_upload_{st.session_state.get('inspect_uploads', 0)}")
+        if st.button("Inspect uploaded images", type="primary", disabled=not files):
+            run(model, *review.upload_images(store, [(f.name, f.getvalue()) for f in files]), "upload")
+
+
+def show_problems() -> None:
+    problems = st.session_state.pop("inspect_problems", [])
+    if problems:
+        st.warning(f"{len(problems)} file(s) skipped")
+        st.dataframe([{"file": name, "why": why} for name, why in problems], hide_index=True)
+
+
+def inspection_label(inspection) -> str:
+    source = "uploaded images" if inspection.source == "upload" else inspection.source
+    return f"#{inspection.id} · {source} · {inspection.n_images} images · {ui.when(inspection.created_at)}"
+
+
+def threshold_note(model, inspection) -> None:
+    if inspection.threshold == model.threshold:
+        return
+    st.info(f"This inspection used the threshold then saved, {ui.threshold_label(inspection.threshold)}; "
+            f"the saved one is now {ui.threshold_label(model.threshold)}.")
+    if st.button("Inspect these images again with the saved threshold"):
+        run(model, review.inspection_images(store, inspection), [], inspection.source)
+
+
+def summary(rows) -> None:
+    counts = {"Images": len(rows), "NG": sum(row.verdict == review.NG for row in rows),
+              "Reviewed": sum(row.qa_mark is not None for row in rows),
+              "False positives": sum(row.outcome == "FP" for row in rows),
+              "False negatives": sum(row.outcome == "FN" for row in rows)}
+    for cell, (label, value) in zip(st.columns(len(counts)), counts.items()):
+        cell.metric(label, value)
+
+
+def learn_from_false_positives(model, rows) -> None:
+    """Offer to add the images QA marked as false positives to the model's dataset, for the next training."""
+    if message := st.session_state.pop("added_false_positives", None):
+        st.success(message)
+    false_positives = review.false_positives(rows)
+    if not false_positives or model.dataset_id is None:
+        return
+    if st.button(f"Add the {len(false_positives)} false positive(s) to the normal images of '{model.dataset_name}'",
+                 help="They are good parts the model found suspicious: training on them teaches it otherwise. "
+                      "Train a new model afterwards."):
+        try:
+            report = review.add_to_normal_images(store, model.dataset_id, false_positives)
+            st.session_state.added_false_positives = f"'{model.dataset_name}': {report.summary()}."
+        except (ingest.RejectedUpload, StoreError) as exc:
+            st.session_state.added_false_positives = f"Nothing was added: {exc}"
+        st.rerun()
+
+
+def save_mark(row, key: str) -> None:
+    value = st.session_state[key]
+    review.set_qa_mark(store, row, None if value == NOT_REVIEWED else value)
+
+
+def table(model, inspection, rows) -> None:
+    shown = st.radio("Show", list(FILTERS), horizontal=True, key="inspect_filter")
+    rows = [row for row in rows if FILTERS[shown](row)]
+    pages = max(1, math.ceil(len(rows) / ROWS_PER_PAGE))
+    page = st.pagination(pages, key=f"inspect_page_{inspection.id}_{shown}") if pages > 1 else 1
+    threshold = inspection.threshold["value"]
+    for row in rows[(page - 1) * ROWS_PER_PAGE:page * ROWS_PER_PAGE]:
+        with st.container(border=True):
+            picture, name, score, verdict, mark = st.columns([1, 3, 1, 1, 3], vertical_alignment="center")
+            try:
+                picture.image(review.render_image(store, model, row.image, threshold), width=96)
+            except DataError:  # the folder was cleaned up since: the score and verdict still stand
+                picture.caption("file gone")
+            name.markdown(f"**{row.image.name}**")
+            name.caption(str(row.image.path))
+            score.metric("Score", f"{row.score:.4g}", label_visibility="collapsed")
+            verdict.markdown(ui.verdict_badge(row.verdict))
+            key = f"qa_{inspection.id}_{row.image.sha256}"
+            options = [NOT_REVIEWED, *review.QA_MARKS]
+            mark.radio(f"QA mark for {row.image.name}", options, index=options.index(row.qa_mark or NOT_REVIEWED),
+                       key=key, horizontal=True, label_visibility="collapsed", on_change=save_mark, args=(row, key))
+    if not rows:
+        st.caption("No images match.")
+
+
+models = ui.trained_models()
+
+model = ui.pick_from_url("Model", models, "model", ui.model_label)
+st.markdown(f"Verdicts use the model's saved threshold: **{ui.threshold_label(model.threshold)}**")
+st.page_link("pages/thresholds.py", label="Change it on the Thresholds page", icon=ui.ICONS["thresholds"],
+             query_params={"model": model.id})
+inputs(model)
+show_problems()
+inspections = store.list_inspections(model.id)
+if not inspections:
+    st.caption("No inspections with this model yet: give it a folder or some images above.")
+    st.stop()
+st.divider()
+inspection = ui.pick_from_url("Inspection", inspections, "inspection", inspection_label)
+threshold_note(model, inspection)
+rows = review.inspection_rows(store, inspection)
+summary(rows)
+st.download_button("Download CSV", review.rows_csv(rows, inspection, model), type="primary",
+                   file_name=f"inspection-{inspection.id}-{model.method}.csv", mime="text/csv",
+                   icon=":material/download:")
+learn_from_false_positives(model, rows)
+table(model, inspection, rows)

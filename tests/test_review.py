@@ -1,0 +1,175 @@
+"""kdcore.review without a browser: cached scoring, thresholds, pictures, inspections, QA marks, CSV, store clean-up."""
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+import kdcore
+import synthetic
+from kdcore import calibration, cli, review
+from kdcore.store import Store
+
+
+def never_load(model):
+    raise AssertionError(f"model {model.id} was run again on images it had scored")
+
+
+def loader(store: Store):
+    return lambda model: kdcore.load(store.model_file(model))
+
+
+@pytest.fixture
+def stpm(review_store):
+    return next(model for model in review_store.list_models() if model.method == "stpm")
+
+
+def test_each_image_is_scored_once_per_model_and_matches_the_engine(review_store, stpm):
+    images = review.dataset_images(review_store, stpm.dataset_id)
+    progress = []
+    scores = review.score_images(review_store, stpm, images + images[:2], loader(review_store),
+                                 lambda done, total: progress.append((done, total)))
+    assert progress[0] == (0, len(images)) and progress[-1] == (len(images), len(images))  # duplicates run once
+
+    method = kdcore.load(review_store.model_file(stpm))
+    maps, expected = method.predict(method.preprocess_paths([image.path for image in images]))
+    np.testing.assert_allclose(scores[:len(images)], expected, rtol=1e-6)
+    np.testing.assert_allclose(review.load_map(review_store, stpm, images[3]), maps[3], rtol=2e-3, atol=1e-3)
+
+    again = review.score_images(review_store, stpm, images[::-1], never_load)  # all cached: order kept
+    np.testing.assert_array_equal(again, scores[:len(images)][::-1])
+
+
+def test_threshold_modes_and_the_normalised_scale(stpm):
+    holdout = np.asarray(stpm.calibration["scores"])
+    labels, scores = np.array([0, 0, 1, 1]), np.array([1.0, 2.0, 3.0, 0.5])
+    assert review.choose_threshold(review.SCORE, 4.5, holdout) == 4.5
+    assert review.choose_threshold(review.PERCENTILE, 90, holdout) == calibration.threshold_from_percentile(holdout, 90)
+    assert review.choose_threshold(review.MAX_FPR, 0.2, holdout) == calibration.threshold_from_max_fpr(holdout, 0.2)
+    assert review.choose_threshold(review.F1, None, holdout, labels, scores) == \
+        calibration.threshold_f1_optimal(labels, scores)
+    with pytest.raises(ValueError, match="unknown threshold mode"):
+        review.choose_threshold("sigma", 3, holdout)
+
+    saved = review.saved_threshold(stpm)
+    assert review.to_normalized(saved, stpm) == 0.5
+    span = stpm.calibration["max"] - stpm.calibration["min"]
+    assert review.to_normalized(saved + span, stpm) == pytest.approx(1.5)
+    assert review.from_normalized(review.to_normalized(1.234, stpm), stpm) == pytest.approx(1.234)
+    low, high, step = review.threshold_range(stpm)
+    assert low < stpm.calibration["min"] <= saved <= high and high > stpm.calibration["max"]
+    assert step == pytest.approx(span / 100)  # 0.01 on the normalised scale
+    assert (saved - low) / step == pytest.approx(round((saved - low) / step))  # the slider opens on the saved value
+    assert review.describe_threshold(stpm.threshold) == "percentile 99 of the hold-out normals"
+    assert review.describe_threshold({"mode": review.MAX_FPR, "parameter": 0.01}) == \
+        "at most 1.0% false positives on the hold-out normals"
+
+
+def test_a_saved_threshold_reaches_the_store_the_model_file_and_the_cli(review_store, stpm, tmp_path, capsys):
+    method = kdcore.load(review_store.model_file(stpm))
+    saved = review.save_threshold(review_store, stpm, method, 5.5, review.SCORE, 5.5)
+    assert saved["value"] == 5.5 and saved["mode"] == "score" and saved["date"]
+    assert review_store.get_model(stpm.id).threshold == saved
+    assert kdcore.load(review_store.model_file(stpm)).threshold == saved
+
+    images = review.dataset_images(review_store, stpm.dataset_id)
+    out = tmp_path / "predict.csv"
+    assert cli.main(["predict", str(review_store.model_file(stpm)), str(images[0].path.parent), "--csv", str(out),
+                     "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert all(row["verdict"] == ("NG" if float(row["score"]) > 5.5 else "OK") for row in rows)
+    assert "at threshold 5.5 (score)" in capsys.readouterr().err
+
+
+def test_render_colours_around_the_threshold_and_outlines_prediction_and_truth():
+    image = np.zeros((8, 8, 3), np.uint8)
+    anomaly_map = np.zeros((4, 4), np.float32)
+    anomaly_map[1:3, 1:3] = 10.0  # resized to 8×8: a hot square in the middle
+    model = type("M", (), {"calibration": {"min": 0.0, "max": 10.0}})()
+    truth = np.zeros((8, 8), bool)
+    truth[0, :] = True
+    picture = review.render(image, anomaly_map, 5.0, model, truth)
+    assert picture.shape == (8, 8, 3)
+    assert (picture[0] == review.GT_COLOR).all()  # the ground truth's outline
+    assert (picture[(review.resize_map(anomaly_map, 8) > 5.0) & ~truth] == 255).any()  # the white outline
+    assert (picture[7, 7] == np.round(0.45 * review.visualize.LUT[0])).all()  # far below: coldest colour
+
+
+def new_parts(folder, n: int = 6):
+    """A folder of normal images no dataset holds yet, as from a production line, plus a file that is no image."""
+    synthetic.make_dataset(folder, n_train=n, n_test_good=0, n_test_defect=0, seed=7)
+    (folder / "train" / "good" / "notes.txt").write_text("not an image")
+    return folder / "train" / "good"
+
+
+def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review_store, stpm, tmp_path):
+    folder = new_parts(tmp_path / "line")
+    images, problems = review.folder_images(folder)
+    assert len(images) == 6 and [name for name, _ in problems] == ["notes.txt"]
+    inspection = review_store.get_inspection(
+        review.run_inspection(review_store, stpm, images, str(folder), loader(review_store)))
+    assert (inspection.n_images, inspection.source, inspection.threshold) == (6, str(folder), stpm.threshold)
+    rows = review.inspection_rows(review_store, inspection)
+    assert [row.score for row in rows] == sorted((row.score for row in rows), reverse=True)
+    assert all(row.verdict == review.verdict(row.score, stpm.threshold["value"]) for row in rows)
+
+    # The top image is called NG whatever it is: QA says wrong (a false positive) and right (a true positive).
+    review_store.set_model_threshold(stpm.id, {**stpm.threshold, "value": rows[1].score})
+    inspection = review_store.get_inspection(
+        review.run_inspection(review_store, review_store.get_model(stpm.id), images, str(folder), never_load))
+    top, second, third = review.inspection_rows(review_store, inspection)[:3]
+    assert (top.verdict, second.verdict) == (review.NG, review.OK)
+    review.set_qa_mark(review_store, top, "wrong")
+    review.set_qa_mark(review_store, second, "wrong")
+    review.set_qa_mark(review_store, third, "correct")
+    rows = review.inspection_rows(review_store, inspection)
+    assert [(row.qa_mark, row.outcome) for row in rows[:4]] == [("wrong", "FP"), ("wrong", "FN"),
+                                                                ("correct", "TN"), (None, None)]
+    assert review_store.qa_labels([top.image.sha256, second.image.sha256]) == {top.image.sha256: 0,
+                                                                               second.image.sha256: 1}
+    review.set_qa_mark(review_store, rows[2], None)
+    assert review.inspection_rows(review_store, inspection)[2].qa_mark is None
+
+    table = list(csv.DictReader(io.StringIO(review.rows_csv(rows, inspection, stpm).decode())))
+    assert list(table[0]) == review.CSV_COLUMNS and len(table) == 6
+    assert (table[0]["image"], table[0]["verdict"], table[0]["qa_mark"], table[0]["qa_outcome"]) == \
+        (top.image.name, "NG", "wrong", "FP")
+    assert float(table[0]["threshold"]) == pytest.approx(rows[1].score)
+
+    before = review_store.dataset_counts(stpm.dataset_id)[("train", "good")]
+    report = review.add_to_normal_images(review_store, stpm.dataset_id, review.false_positives(rows))
+    assert report.added == [top.image.name]
+    assert review_store.dataset_counts(stpm.dataset_id)[("train", "good")] == before + 1
+    assert review.add_to_normal_images(review_store, stpm.dataset_id, [top.image]).duplicates
+
+
+def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_store, synthetic_root):
+    png = (synthetic_root / "test" / "good" / "good_000.png").read_bytes()
+    images, problems = review.upload_images(review_store, [("a.png", png), ("same.png", png),
+                                                           ("broken.png", b"not a png"), ("notes.txt", b"x")])
+    assert [image.name for image in images] == ["a.png", "same.png"]
+    assert images[0].sha256 == images[1].sha256 and images[0].path.read_bytes() == png
+    assert [name for name, _ in problems] == ["broken.png", "notes.txt"]
+    assert not any(path.name.startswith(".") for path in images[0].path.parent.iterdir())  # no temp files left
+
+
+def test_labelled_set_and_operating_points(review_store, stpm):
+    labelled = review.labelled_set(review_store, stpm, loader(review_store))
+    assert (labelled.n_good, labelled.n_defective, len(labelled.holdout)) == (8, 16, stpm.calibration["n"])
+    point = review.operating_point(labelled.labels, labelled.scores, review.saved_threshold(stpm))
+    assert point.tp + point.fn == 16 and point.fp + point.tn == 8
+    assert point.fpr == point.fp / 8 and point.recall == point.tp / 16
+    lines = review.curves(labelled.labels, labelled.scores)
+    assert lines["fpr"][0] == 0 and lines["tpr"][-1] == 1 and len(lines["precision"]) == len(lines["recall"])
+    assert review.OperatingPoint(1.0, tp=0, fp=0, tn=3, fn=0).precision is None
+
+
+def test_deleting_a_model_drops_its_cached_maps_and_scores(review_store, stpm):
+    images = review.dataset_images(review_store, stpm.dataset_id)[:2]
+    review.score_images(review_store, stpm, images, loader(review_store))
+    assert review_store.map_file(stpm.id, images[0].sha256).exists()
+    review_store.delete_model(stpm.id)
+    assert not review_store.map_file(stpm.id, images[0].sha256).parent.exists()
+    assert review_store.cached_scores(stpm.id, [image.sha256 for image in images]) == {}

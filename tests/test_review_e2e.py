@@ -1,0 +1,117 @@
+"""The review pages end to end: `streamlit run app.py` driven by Playwright with Debian's Chromium.
+
+The app serves a copy of the data directory with two tiny trained models (the ``review_template`` fixture).
+Compare shows two heatmaps and a threshold move flips a verdict; a threshold saved on the Thresholds page is
+the one Inspect uses, down to the exported CSV. Screenshots go to test-artifacts/screenshots/ (6-… onwards:
+test_e2e.py takes 1-5). Never run `playwright install`: the browser is /usr/bin/chromium.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kdcore.store import Store
+from test_e2e import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, open_from_sidebar, screenshot, sync_api,
+                      wait_for_health, wait_idle, wait_images_loaded)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs {CHROMIUM} (scripts/setup --browser)")
+
+
+@pytest.fixture(scope="module")
+def app(review_template, tmp_path_factory):
+    """The app on a free port over a copy of the template store; no worker (nothing is trained here)."""
+    data_dir = shutil.copytree(review_template, tmp_path_factory.mktemp("review-e2e") / "data")
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "KDCORE_DATA_DIR": str(data_dir), "KDCORE_WORKER_AUTOSTART": "0",
+           "OMP_NUM_THREADS": "1"}  # the tiny models run faster on one thread of a busy CPU
+    with open(data_dir / "streamlit.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", url.rsplit(":", 1)[1],
+             "--server.address", "127.0.0.1", "--server.headless", "true"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_health(url, process)
+            yield url, Store(data_dir)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    url, _ = app
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        # The home page first: until app.py has run once, a fresh server runs pages/*.py as legacy pages.
+        page.goto(url)
+        wait_idle(page)
+        yield page
+        browser.close()
+
+
+def badges(page, verdict: str):
+    return page.locator(".stMarkdownBadge", has_text=verdict)
+
+
+def test_compare_two_models_and_move_a_threshold(page):
+    open_from_sidebar(page, "Compare")
+    sync_api.expect(page.get_by_test_id("stImage")).to_have_count(2)  # one heatmap per model
+    sync_api.expect(badges(page, "OK")).to_have_count(2)  # the first test image is a good one
+    wait_images_loaded(page)
+    page.get_by_role("slider").nth(1).press("Home")  # the second model's threshold to its lowest
+    wait_idle(page)
+    sync_api.expect(badges(page, "NG")).to_have_count(1)
+    sync_api.expect(badges(page, "OK")).to_have_count(1)
+    screenshot(page, "6-compare-threshold-moved")
+
+    page.get_by_role("button", name="Reset to saved").click()
+    wait_idle(page)
+    sync_api.expect(badges(page, "NG")).to_have_count(0)
+    page.get_by_test_id("stSelectbox").filter(has_text="Test image").click()  # a defect, with its mask
+    page.get_by_role("option", name="scratch_002.png").click()
+    wait_idle(page)
+    page.get_by_text("Zoomable detail view").click()
+    wait_idle(page)
+    page.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
+    wait_images_loaded(page)
+    page.set_viewport_size({"width": 1400, "height": 2300})  # the detail view too
+    screenshot(page, "7-compare-defect-detail-view")
+    page.set_viewport_size({"width": 1400, "height": 1800})
+
+
+def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, page, synthetic_root, tmp_path):
+    _, store = app
+    open_from_sidebar(page, "Thresholds")
+    page.get_by_text("F1-optimal on the labelled test images").click()
+    wait_idle(page)
+    page.get_by_role("button", name="Save threshold").click()
+    page.get_by_text("Saved for #2 rd").wait_for()
+    wait_idle(page)
+    saved = store.get_model(2).threshold
+    assert saved["mode"] == "f1"
+    screenshot(page, "8-thresholds-saved")
+
+    open_from_sidebar(page, "Inspect")
+    page.get_by_text(f"{saved['value']:.4g} (f1-optimal on the labelled test images").wait_for()
+    page.get_by_label("Folder path").fill(str(synthetic_root / "test" / "spot"))
+    page.get_by_role("button", name="Inspect folder").click()
+    page.get_by_role("button", name="Download CSV").wait_for()
+    wait_idle(page)
+    wait_images_loaded(page)
+    screenshot(page, "9-inspect")
+
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download CSV").click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 8 and path.name == "inspection-1-rd.csv"
+    assert all(float(row["threshold"]) == pytest.approx(saved["value"]) for row in rows)
+    assert all(row["verdict"] == ("NG" if float(row["score"]) > saved["value"] else "OK") for row in rows)

@@ -1,0 +1,159 @@
+"""The Compare, Thresholds and Inspect pages through Streamlit's AppTest, on two tiny trained models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kdcore
+from kdcore import review
+from test_app import by_label, open_page, texts
+from test_review import loader, new_parts
+
+
+@pytest.fixture
+def models(review_store):
+    """{"stpm": model, "rd": model} of the copied template store."""
+    return {model.method: model for model in review_store.list_models()}
+
+
+def verdicts(at) -> list[str]:
+    """The OK/NG badges shown, in page order."""
+    return ["NG" if ":red-badge[" in m.value else "OK" for m in at.markdown if "-badge[" in m.value]
+
+
+def fail_if_a_model_runs(*args, **kwargs):
+    raise AssertionError("a model ran again")
+
+
+def test_compare_shows_a_column_per_model_and_a_threshold_only_recolours(review_store, models, monkeypatch):
+    at = open_page("pages/compare.py")
+    assert by_label(at.selectbox, "Test image").value == 0  # the first test image: a good one
+    assert len(at.image) == 2 and len(at.slider) == 2
+    assert verdicts(at) == ["OK", "OK"]
+    stpm = models["stpm"]
+    score = review_store.cached_scores(stpm.id, [review.dataset_images(review_store, stpm.dataset_id)[0].sha256])
+    (score,) = score.values()
+
+    def positions():
+        return [review.to_normalized(at.slider(key=f"compare_threshold_{m.id}").value, m) for m in models.values()]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(review, "_run_model", fail_if_a_model_runs)
+        at.slider(key=f"compare_threshold_{stpm.id}").set_value(score - 0.01).run()
+        assert not at.exception
+        assert verdicts(at) == ["OK", "NG"]  # columns: rd (#2, newest) then stpm
+        assert len(at.image) == 2
+
+        at.toggle(key="compare_sync").set_value(True).run()  # syncing aligns all on the first column (rd: 0.5)
+        assert positions() == pytest.approx([0.5, 0.5])
+        at.slider(key=f"compare_threshold_{stpm.id}").set_value(review.from_normalized(0.7, stpm)).run()
+        assert positions() == pytest.approx([0.7, 0.7])  # moving one moves the other on its own scale
+        at.toggle(key="compare_detail_on").set_value(True).run()
+        (figure,) = at.get("plotly_chart")
+        assert '"matches":"x"' in figure.proto.spec.replace(" ", "")  # zooming one picture zooms all
+
+    by_label(at.button, "Next").click().run()
+    assert by_label(at.selectbox, "Test image").value == 1 and not at.exception
+
+
+def test_compare_an_uploaded_image(review_store, synthetic_root):
+    at = open_page("pages/compare.py")
+    at.radio[0].set_value("An uploaded image").run()
+    image = synthetic_root / "test" / "scratch" / "scratch_000.png"
+    at.file_uploader(key="compare_upload").set_value([("part.png", image.read_bytes(), "image/png")]).run()
+    assert not at.exception and len(at.image) == 2
+
+
+def test_thresholds_page_sets_f1_optimal_and_saves_it_on_the_model(review_store, models):
+    stpm = models["stpm"]
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/thresholds.py").run()
+    assert "percentile 99 of the hold-out normals" in texts(at.markdown)
+    assert {p.proto.id.split("-")[-1] for p in at.get("plotly_chart")} >= {"histogram", "confusion", "roc", "pr"}
+    assert not at.warning  # defects are labelled: no "normal images only" warning
+
+    by_label(at.radio, "Choose the threshold by").set_value(review.F1).run()
+    labelled = review.labelled_set(review_store, stpm, lambda model: pytest.fail("scores were cached"))
+    best = review.choose_threshold(review.F1, None, labelled.holdout, labelled.labels, labelled.scores)
+    assert by_label(at.metric, "Threshold").value == f"{best:.4g}"
+    by_label(at.button, "Save threshold").click().run()
+    assert "f1-optimal on the labelled test images" in texts(at.success)
+    saved = review_store.get_model(stpm.id).threshold
+    assert (saved["mode"], saved["value"]) == (review.F1, best)
+    assert kdcore.load(review_store.model_file(stpm)).threshold == saved
+    assert by_label(at.button, "Save threshold").disabled  # nothing new to save
+
+
+def test_thresholds_gallery_enlarges_a_mistake(review_store, models):
+    at = open_page()
+    at.query_params["model"] = str(models["stpm"].id)
+    at.switch_page("pages/thresholds.py").run()
+    by_label(at.radio, "Choose the threshold by").set_value(review.SCORE).run()
+    by_label(at.number_input, "Threshold (raw score)").set_value(0.0).run()  # every image NG: all good ones FP
+    assert "False positives (good, judged NG): 8" in [tab.label for tab in at.tabs]
+    enlarge = [button for button in at.button if button.label == "Enlarge"]
+    assert len(enlarge) == 8
+    n_images = len(at.image)
+    enlarge[0].click().run()
+    assert len(at.image) == n_images + 1 and "ground truth" in texts(at.caption)
+
+
+def test_thresholds_page_says_plainly_when_no_defects_are_labelled(review_store, models):
+    review_store.delete_dataset(models["rd"].dataset_id)  # the models stay, with their hold-out scores only
+    at = open_page()
+    at.query_params["model"] = str(models["rd"].id)
+    at.switch_page("pages/thresholds.py").run()
+    warning = texts(at.warning)
+    assert "normal images only" in warning and "optimistic" in warning
+    assert [option for option in by_label(at.radio, "Choose the threshold by").options if "F1" in option] == []
+
+
+def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_false_positives(
+        review_store, models, tmp_path):
+    folder = new_parts(tmp_path / "line")
+    images, _ = review.folder_images(folder)
+    scores = review.score_images(review_store, models["stpm"], images, loader(review_store))
+    review_store.set_model_threshold(models["stpm"].id, {"value": float(np.median(scores)), "mode": "score",
+                                                         "parameter": None, "date": "2026-11-23"})
+    stpm = review_store.get_model(models["stpm"].id)
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/inspect.py").run()
+    by_label(at.text_input, "Folder path").input(str(folder))  # in a form: sent with the click
+    by_label(at.button, "Inspect folder").click().run()
+    assert not at.exception
+    assert "1 file(s) skipped" in texts(at.warning)  # notes.txt
+    (inspection,) = review_store.list_inspections(stpm.id)
+    rows = review.inspection_rows(review_store, inspection)
+    assert len(at.image) == len(rows) == 6
+
+    assert [row.verdict for row in rows] == ["NG"] * 3 + ["OK"] * 3
+    assert "raw score, set 2026-11-23" in texts(at.markdown)  # the saved threshold, named
+
+    marks = [radio for radio in at.radio if radio.key and radio.key.startswith("qa_")]
+    assert marks[0].key.endswith(rows[0].image.sha256)  # highest score first
+    marks[0].set_value("wrong").run()  # QA: a good part called NG
+    assert review_store.qa_labels([rows[0].image.sha256]) == {rows[0].image.sha256: review.NORMAL}
+    assert by_label(at.metric, "False positives").value == "1"
+    assert [button.label for button in at.get("download_button")] == ["Download CSV"]  # its file: browser test
+
+    before = review_store.dataset_counts(stpm.dataset_id)[("train", "good")]
+    by_label(at.button, f"Add the 1 false positive(s) to the normal images of '{stpm.dataset_name}'").click().run()
+    assert "1 image(s) added" in texts(at.success)
+    assert review_store.dataset_counts(stpm.dataset_id)[("train", "good")] == before + 1
+
+
+def test_inspect_says_when_the_threshold_changed_since(review_store, models, tmp_path):
+    stpm = models["stpm"]
+    images, _ = review.folder_images(new_parts(tmp_path / "line"))
+    review.run_inspection(review_store, stpm, images, "line", loader(review_store))
+    review_store.set_model_threshold(stpm.id, {"value": 0.0, "mode": "score", "parameter": 0.0, "date": "2026-01-02"})
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/inspect.py").run()
+    assert "the saved one is now 0 (raw score, set 2026-01-02)" in texts(at.info)
+    by_label(at.button, "Inspect these images again with the saved threshold").click().run()
+    newest = review_store.list_inspections(stpm.id)[0]
+    assert newest.threshold["value"] == 0.0 and not at.info
+    assert verdicts(at) == ["NG"] * 6
