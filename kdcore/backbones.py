@@ -122,8 +122,13 @@ def create_feature_net(name: str, strides: tuple[int, ...]) -> nn.Module:
     missing = [s for s in strides if s not in reductions]
     if missing:
         raise BackboneError(f"backbone '{name}' has no feature level at stride(s) {missing}; it has {reductions}")
-    return timm.create_model(name, pretrained=False, features_only=True,
-                             out_indices=tuple(reductions.index(s) for s in strides))
+    net = timm.create_model(name, pretrained=False, features_only=True,
+                            out_indices=tuple(reductions.index(s) for s in strides))
+    # timm's EfficientNet feature models run every stage even past the deepest requested level; dropping
+    # those stages saves their compute and their weights in every saved model.
+    if hasattr(net, "_stage_out_idx") and isinstance(getattr(net, "blocks", None), nn.Sequential):
+        net.blocks = net.blocks[:max(net._stage_out_idx)]
+    return net
 
 
 class Backbone(nn.Module):

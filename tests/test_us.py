@@ -1,0 +1,108 @@
+"""Uninformed Students: dense = patch equivalence, learning on the synthetic set, persistence, parameters."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdcore
+import synthetic
+from kdcore import data, metrics
+from kdcore.methods.us import PatchDescriptorNet, compactness_loss, ensemble_scores
+
+SIZE = 64
+# Small enough for a CPU test: one receptive field, quarter width, a short teacher phase.
+TINY = dict(size=SIZE, patch_sizes=(33,), width=0.25, n_students=3, teacher_steps=20, teacher_batch_size=16,
+            epochs=2, batch_size=8, crop_size=32, device="cpu")
+
+
+@pytest.mark.parametrize("patch_size", [17, 33, 65])
+def test_dense_descriptors_equal_patch_network_on_cropped_patches(patch_size):
+    torch.manual_seed(patch_size)
+    net = PatchDescriptorNet(patch_size, descriptor_dim=16, width=0.25).eval()
+    image = torch.randn(1, 3, 70, 70)
+    with torch.no_grad():
+        dense = net.dense(image)
+        assert dense.shape == (1, 16, 70, 70)
+        # The patch centred on a pixel, cut from the image reflect-padded by p//2 on every side.
+        padded = F.pad(image, (patch_size // 2,) * 4, mode="reflect")
+        for y, x in [(0, 0), (69, 69), (0, 69), (7, 41), (35, 3)]:
+            patch = padded[:, :, y:y + patch_size, x:x + patch_size]
+            torch.testing.assert_close(net(patch)[0], dense[0, :, y, x], atol=1e-4, rtol=0)
+
+
+def test_ensemble_scores_are_error_and_variance_of_the_mean():
+    predictions = torch.randn(3, 2, 5, 4, 4)
+    targets = torch.randn(2, 5, 4, 4)
+    error, variance = ensemble_scores(iter(predictions), targets)
+    mean = predictions.mean(dim=0)
+    torch.testing.assert_close(error[:, 0], (mean - targets).pow(2).sum(dim=1))
+    # The mean over students of the squared distance to their mean, summed over dimensions.
+    torch.testing.assert_close(variance[:, 0], (predictions - mean).pow(2).sum(dim=2).mean(dim=0))
+
+
+def test_compactness_is_zero_for_uncorrelated_descriptors_and_positive_otherwise():
+    signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # orthogonal columns
+    assert compactness_loss(signs).item() == pytest.approx(0.0, abs=1e-6)
+    correlated = torch.stack([signs[:, 0], signs[:, 0] + 0.1 * signs[:, 1]], dim=1)
+    assert compactness_loss(correlated).item() > 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = synthetic.make_dataset(tmp_path_factory.mktemp("synthetic"), size=SIZE)
+    dataset = data.load_dataset(root)
+    method = kdcore.create_method("us", **TINY).fit(dataset)
+    x = method.preprocess_paths([sample.path for sample in dataset.test])
+    return method, dataset, x, method.predict(x)
+
+
+def test_learns_synthetic_defects(trained):
+    method, dataset, _, (maps, scores) = trained
+    labels = np.array([sample.label for sample in dataset.test])
+    masks = np.stack([data.read_mask(s.mask_path, SIZE) if s.label else np.zeros((SIZE, SIZE), bool)
+                      for s in dataset.test])
+    assert maps.shape == (len(dataset.test), SIZE, SIZE)
+    assert metrics.evaluate(labels, scores, masks, maps)["image_auroc"] >= 0.9
+    assert method.training_info["teacher"]["p33"]["steps"] == TINY["teacher_steps"]
+
+
+def test_save_load_gives_identical_maps(trained, tmp_path):
+    method, _, x, (maps, scores) = trained
+    loaded = kdcore.load(method.save(tmp_path / "us.pt"), device="cpu")
+    assert loaded.config == method.config
+    loaded_maps, loaded_scores = loaded.predict(x)
+    assert np.array_equal(loaded_maps, maps) and np.array_equal(loaded_scores, scores)
+
+
+def test_presets_fill_only_unset_parameters():
+    paper = kdcore.create_method("us", preset="paper", size=256).config
+    assert (paper.patch_sizes, paper.n_students, paper.width, paper.dense_size) == ((17, 33, 65), 3, 1.0, 256)
+    assert (paper.crop_size, paper.teacher_steps, paper.epochs, paper.batch_size) == (256, 50_000, 100, 1)
+    fast = kdcore.create_method("us", size=256, patch_sizes=[17, 33], epochs=7).config
+    assert (fast.preset, fast.patch_sizes, fast.epochs, fast.dense_size, fast.width) == ("fast", (17, 33), 7, 128, 0.25)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(preset="slow"), "preset"),
+    (dict(patch_sizes=(21,)), "patch_sizes"),
+    (dict(patch_sizes=(33, 33)), "patch_sizes"),
+    (dict(patch_sizes=()), "patch_sizes"),
+    (dict(n_students=1), "n_students"),
+    (dict(width=0), "width"),
+    (dict(dense_size=512), "dense_size"),
+    (dict(size=64, patch_sizes=(65,)), "dense_size"),
+    (dict(crop_size=0), "crop_size"),
+    (dict(teacher_steps=0), "teacher_steps"),
+    (dict(teacher_batch_size=1), "teacher_batch_size"),
+    (dict(distill_size=16), "distill_size"),
+    (dict(lr=0.0), "lr"),
+    (dict(kd_weight=0.0), "kd_weight"),
+    (dict(metric_weight=-1.0), "metric_weight"),
+    (dict(epochs=0), "epochs"),
+    (dict(colour=1), "unknown"),
+])
+def test_invalid_parameters_raise(params, message):
+    with pytest.raises(ValueError, match=message):
+        kdcore.create_method("us", **params)
