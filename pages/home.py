@@ -13,7 +13,7 @@ st.markdown(
     "that description on normal images. Where the student fails, something is unusual: that is the heatmap.")
 
 st.subheader("Where to start")
-steps = st.columns(3)
+steps = st.columns(4)
 with steps[0], st.container(border=True):
     st.markdown("**1. Collect images**  \nCreate a dataset per product and add its normal images "
                 "(a few dozen or more). Labelled defect images are optional; they let you measure models.")
@@ -23,9 +23,15 @@ with steps[1], st.container(border=True):
                 "you can close the tab and come back.")
     st.page_link("pages/train.py", label="Train", icon=ui.ICONS["train"])
 with steps[2], st.container(border=True):
-    st.markdown("**3. Compare models**  \nSee every trained model with its hold-out scores, and evaluate it "
+    st.markdown("**3. Measure**  \nSee every trained model with its hold-out scores, and evaluate it "
                 "on the labelled test images.")
     st.page_link("pages/models.py", label="Models", icon=ui.ICONS["models"])
+with steps[3], st.container(border=True):
+    st.markdown("**4. Review**  \nCompare heatmaps of several models side by side, set each model's "
+                "threshold on evidence, then inspect new images and mark the verdicts.")
+    st.page_link("pages/compare.py", label="Compare", icon=ui.ICONS["compare"])
+    st.page_link("pages/thresholds.py", label="Thresholds", icon=ui.ICONS["thresholds"])
+    st.page_link("pages/inspect.py", label="Inspect", icon=ui.ICONS["inspect"])
 
 st.subheader("Now")
 counts = st.columns(3)
