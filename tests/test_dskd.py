@@ -20,7 +20,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(dataset):
-    return kdcore.create_method("dskd", size=SIZE, epochs=3, batch_size=8).fit(dataset)
+    return kdcore.create_method("dskd", size=SIZE, epochs=10, batch_size=4).fit(dataset)
 
 
 @pytest.fixture(scope="module")

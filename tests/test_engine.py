@@ -35,7 +35,7 @@ def test_default_teacher_has_the_offline_imagenet_weights():
     assert teacher.channels == (24, 40, 112) and teacher.mean == (0.5, 0.5, 0.5)
     own = teacher.net.state_dict()
     assert torch.equal(own["conv_stem.weight"], package["conv_stem.weight"])
-    assert torch.equal(own["blocks.5.3.conv_pwl.weight"], package["blocks.5.3.conv_pwl.weight"])
+    assert torch.equal(own["blocks.4.2.conv_pwl.weight"], package["blocks.4.2.conv_pwl.weight"])
     # Frozen and in eval mode even when a caller switches its parent to training.
     teacher.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
