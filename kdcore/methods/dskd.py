@@ -114,11 +114,6 @@ class DSKDConfig(RDConfig):
 
     lr: float = 0.002
 
-    def validate(self) -> None:
-        super().validate()
-        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-
 
 @register_method
 class DSKD(AnomalyMethod):

@@ -163,6 +163,8 @@ class RDConfig(MethodConfig):
         if self.bottleneck_blocks < 1 or self.decoder_blocks < 1:
             raise ValueError("bottleneck_blocks and decoder_blocks must be at least 1")
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @register_method
