@@ -193,8 +193,7 @@ class AnomalyMethod:
 
     def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
         """PIL images (any mode and size) → normalised float tensor N×3×S×S on the model's device."""
-        if self._mean is None:
-            raise RuntimeError(f"method '{self.name}' is not fitted: call fit() or kdcore.load() first")
+        self._require_fitted()
         arrays = np.stack([data.prepare_image(image, self.config.size) for image in images])
         return self._normalize(self._to_uint8_tensor(arrays))
 
