@@ -3,7 +3,8 @@
     python -m bench.accuracy --data ../shared/data/magnetic_tile [--methods stpm rd] [--size 256]
         [--epochs 20 | --epochs stpm=20 rd=40] [--batch-size 16] [--seed 0] [--out bench/results]
 
-Each method runs in its own process so that its peak memory (max RSS) is its own.
+Each method runs in its own process so that its peak memory (max RSS) is its own. Rows of other methods from
+an earlier run with the same seed, size and data are kept in the table.
 """
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge_results(path: Path, rows: list[dict], seed: int) -> list[dict]:
+    """This run's rows plus the other methods' rows of an earlier run with the same seed, in method order.
+
+    Methods are benchmarked one command at a time when the budget is short; the table keeps all of them.
+    """
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return rows
+    if earlier.get("seed") != seed:
+        return rows
+    fresh = {r["method"] for r in rows}
+    kept = [r for r in earlier.get("results", []) if r.get("method") not in fresh and "error" not in r]
+    return sorted(kept + rows, key=lambda r: r["method"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -124,11 +141,12 @@ def main(argv=None) -> int:
         print(markdown_table([rows[-1]]), flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"accuracy_{Path(args.data).name}_{args.size}"
+    rows = merge_results(out / f"{stem}.json", rows, args.seed)
     report = {"data": str(Path(args.data).resolve()), "size": args.size, "seed": args.seed,
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "results": rows}
-    stem = f"accuracy_{Path(args.data).name}_{args.size}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table([r for r in rows if "error" not in r])
     (out / f"{stem}.md").write_text(table + "\n")

@@ -1,10 +1,12 @@
 """Speed of each method's network at one input size: inference and training step, CPU and (if present) CUDA.
 
-    python -m bench.speed [--methods stpm rd] [--size 256] [--repeats 5] [--out bench/results]
+    python -m bench.speed [--methods stpm rd] [--size 256] [--repeats 5] [--out bench/results] [--profile]
 
 Inference is timed from a normalised image tensor to maps and scores (``predict``), at batch 32 (throughput)
 and batch 1 (latency); a training step is one ``training_step`` at the method's batch size. Each figure is
 the median of ``--repeats`` runs after a warm-up. Untrained networks are timed: speed does not depend on weights.
+``--profile`` adds, per method, the operators that take the most time in one batch-32 inference and one
+training step (``torch.profiler``), to show where the remaining time goes.
 """
 from __future__ import annotations
 
@@ -34,7 +36,18 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, size: int, device: str, repeats: int) -> dict:
+def top_operators(fn, device: torch.device, rows: int = 8) -> str:
+    """The ``rows`` operators with the most self time in one call of ``fn``, as a text table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=40)
+
+
+def measure(name: str, size: int, device: str, repeats: int, profile: bool = False) -> dict:
     method = kdcore.create_method(name, size=size, device=device)
     method._build(method.config.weights)
     # predict() refuses unfitted models; a placeholder calibration is enough to time the network.
@@ -55,6 +68,10 @@ def measure(name: str, size: int, device: str, repeats: int) -> dict:
     step = _median_seconds(train_step, repeats, dev)
     throughput = 32 / _median_seconds(lambda: method.predict(batch32, 32), repeats, dev)
     latency = _median_seconds(lambda: method.predict(batch1, 1), repeats, dev)
+    if profile:
+        print(f"\n{name} on {dev.type}, inference at batch 32:\n" + top_operators(lambda: method.predict(batch32, 32), dev))
+        print(f"{name} on {dev.type}, training step at batch {method.config.batch_size}:\n" +
+              top_operators(train_step, dev), flush=True)
     return {"method": name, "device": dev.type, "size": size, "images_per_second_b32": round(throughput, 2),
             "latency_ms_b1": round(latency * 1000, 1), "train_step_seconds": round(step, 3),
             "train_batch_size": method.config.batch_size, "threads": torch.get_num_threads()}
@@ -66,13 +83,14 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--profile", action="store_true", help="print the costliest operators per method")
     args = parser.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     print("| method | device | img/s (b32) | latency ms (b1) | train step s (batch) |\n|---|---|---|---|---|")
     for device in devices:
         for name in args.methods:
-            row = measure(name, args.size, device, args.repeats)
+            row = measure(name, args.size, device, args.repeats, args.profile)
             rows.append(row)
             print(f"| {name} | {device} | {row['images_per_second_b32']} | {row['latency_ms_b1']} | "
                   f"{row['train_step_seconds']} ({row['train_batch_size']}) |", flush=True)

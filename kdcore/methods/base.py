@@ -44,8 +44,8 @@ class MethodConfig:
     weights: str = "default"
     device: str = "auto"
     seed: int = 0
-    # "auto": train under bfloat16 autocast where the hardware has native bf16 (CUDA, or CPUs with AVX-512
-    # BF16/AMX); "fp32" never does. Prediction is float32 on the CPU either way.
+    # "auto": bfloat16 autocast where the hardware has native bf16 (CUDA, or CPUs with AVX-512 BF16/AMX), for
+    # training and, unless the method opts out (``cpu_bf16_inference``), for prediction; "fp32" never.
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -112,6 +112,10 @@ class AnomalyMethod:
     # Keep the epoch whose normal hold-out has the lowest mean score; a method whose teacher also trains
     # (so that low scores can mean collapse) turns this off and keeps the last epoch.
     select_on_holdout: ClassVar[bool] = True
+    # Predict under bfloat16 on CPUs with native bf16. Checked with the evaluator on magnetic_tile: STPM's and
+    # RD's four metrics moved by at most 0.004 while evaluation ran 1.4-1.6x faster. A method whose map
+    # subtracts near-equal values (US's predictive variance) turns it off.
+    cpu_bf16_inference: ClassVar[bool] = True
 
     def __init__(self, **params):
         valid = {f.name for f in dataclasses.fields(self.Config)}
@@ -178,7 +182,8 @@ class AnomalyMethod:
             return contextlib.nullcontext()
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        if training and self.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if (training or self.cpu_bf16_inference) and self.device.type == "cpu" and \
+                torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

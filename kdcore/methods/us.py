@@ -427,6 +427,7 @@ class UninformedStudents(AnomalyMethod):
     name = "us"
     summary = "Uninformed Students (CVPR 2020): student ensemble regresses a distilled patch-descriptor teacher"
     Config = USConfig
+    cpu_bf16_inference = False
 
     def __init__(self, **params):
         super().__init__(**params)
