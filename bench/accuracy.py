@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import torch
 import kdcore
 from kdcore import data
 from kdcore.evaluation import evaluate_model, predict_paths
+
+from bench.memory import peak_rss_mib
 
 COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AU-PRO"),
            ("f1_max", "F1-max"), ("train_seconds", "train s"), ("seconds_per_epoch", "s/epoch"),
@@ -53,7 +54,7 @@ def run_one(name: str, params: dict, data_dir: str, model_dir: Path) -> dict:
         "seconds_per_epoch": info["seconds"] / info["epochs_run"], "best_epoch": info["best_epoch"],
         "epochs_run": info["epochs_run"], "evaluate_seconds": time.perf_counter() - start,
         "images_per_second": _inference_rate(method, [s.path for s in dataset.test]),
-        "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mib": peak_rss_mib(),
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(method.config).items()},
         "teacher_weights": method.teacher_weights.as_dict(), "model": str(model_path),
     }

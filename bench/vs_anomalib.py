@@ -45,8 +45,20 @@ training steps first, which gives BatchNorm its running statistics, see bench/sp
   per-step overhead is left out, which favours anomalib.
 
 Precision and layout: anomalib as users get it on a CPU by default: float32, NCHW. kdcore with its defaults:
-channels-last, precision "auto" (bfloat16 autocast for training steps on CPUs with native bf16, float32
-inference). ``--kdcore-precision auto fp32`` adds kdcore rows trained in float32 as well.
+channels-last, precision "auto" (bfloat16 autocast for training steps and, for STPM and RD, prediction on CPUs
+with native bf16; float32 elsewhere). The table says which dtypes kdcore ran. ``--kdcore-precision auto fp32``
+adds kdcore rows in float32 throughout: the like-for-like precision comparison.
+
+Where the two differ by design (what the comparison measures, not set up to be equal):
+
+- anomalib's timm feature extractors for EfficientNet run all seven stages (teacher and student; the STFPM student
+  has 2.96 M trainable parameters) although only the levels up to stride 16 are used; kdcore stops its teacher and
+  student after that stage (0.70 M). ResNet extractors stop after layer3 in both.
+- RD's bottleneck and decoder are close but not identical (kdcore: a transposed convolution then two basic blocks
+  per level; anomalib: two decoder blocks, the first upsampling): 15.5 M vs 15.9 M trainable parameters.
+- The STFPM loss is scaled differently (anomalib: ``0.5 * sum / (h * w)`` over the batch; kdcore: the mean), and
+  RD's Adam betas differ (kdcore 0.999, anomalib 0.99): the same speed, different training dynamics.
+- Each child runs at a different time: on a shared machine their ratios carry the load's drift.
 
 Speed-up = anomalib time / kdcore time (above 1: kdcore is faster). Memory ratio = kdcore peak / anomalib peak.
 Targets (the issue): inference throughput speed-up >= 1.5, training step speed-up >= 1.2, memory ratio <= 1.
@@ -72,6 +84,7 @@ from unittest import mock
 import torch
 
 import kdcore
+from bench.memory import current_rss_mib, peak_rss_mib
 from bench.speed import _median_seconds
 from kdcore.backbones import DEFAULT_BACKBONE, _full_model_state, _state_digest, create_feature_net
 
@@ -82,24 +95,6 @@ BACKBONES = {"stpm": DEFAULT_BACKBONE, "rd": RD_BACKBONE}
 ANOMALIB_NAMES = {"stpm": "Stfpm (STFPMModel)", "rd": "ReverseDistillation (ReverseDistillationModel)"}
 TARGETS = {"throughput": 1.5, "train_step": 1.2, "memory": 1.0}
 CPU = torch.device("cpu")
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process's own address space so far (VmHWM), MiB.
-
-    Not ``ru_maxrss``: a child started by ``subprocess`` (vfork + exec) inherits its parent's high-water mark
-    there, so every child would report at least the parent's peak.
-    """
-    return _status_mib("VmHWM")
-
-
-def _current_rss_mib() -> float:
-    return _status_mib("VmRSS")
 
 
 # ----------------------------------------------------------------------------- anomalib side
@@ -235,7 +230,7 @@ def time_pair(step, predict, size: int, batch: int, repeats: int, warmup: int, s
         return _median_seconds(fn, repeats, CPU)
 
     step_seconds = median_seconds(lambda: losses.append(step(train_x)))
-    rss_after_train = _peak_rss_mib()
+    rss_after_train = peak_rss_mib()
     maps, scores = predict(x32, 32)
     if maps.shape != (32, size, size) or scores.shape != (32,):
         raise AssertionError(f"unexpected output shapes {maps.shape} {scores.shape}")
@@ -252,26 +247,26 @@ def run_speed_child(spec: dict) -> dict:
     strides = kdcore.create_method(method).teacher_strides()
     if library == "anomalib":
         import_anomalib_models()
-    rss_imports = _current_rss_mib()
+    rss_imports = current_rss_mib()
     if library == "kdcore":
         kd = build_kdcore(method, backbone, size, spec["batch"], weights, spec["seed"], spec["precision"])
         step, predict = kdcore_step_and_predict(kd)
         digest = kd.teacher_weights.sha256
-        bf16 = isinstance(kd._autocast(training=True), torch.autocast)
-        details = {"precision": spec["precision"], "train_dtype": "bfloat16 autocast" if bf16 else "float32",
+        dtypes = ["bf16" if isinstance(kd._autocast(training=t), torch.autocast) else "fp32" for t in (True, False)]
+        details = {"precision": spec["precision"], "dtypes": f"{dtypes[0]} train, {dtypes[1]} predict",
                    "memory_format": "channels_last", "teacher_source": kd.teacher_weights.source,
                    "trainable_params": sum(p.numel() for p in kd.net.parameters() if p.requires_grad)}
     else:
         model, teacher, loss_fn, optimizer = build_anomalib(method, backbone, strides, size, weights, spec["seed"])
         step, predict = anomalib_step_and_predict(model, loss_fn, optimizer)
         digest = teacher_digest(teacher, backbone, strides)
-        details = {"precision": "fp32", "train_dtype": "float32", "memory_format": "NCHW",
+        details = {"precision": "fp32", "dtypes": "fp32 train, fp32 predict", "memory_format": "NCHW",
                    "layers": anomalib_layers(backbone, strides),
                    "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"])}
-    rss_built = _peak_rss_mib()
+    rss_built = peak_rss_mib()
     timing = time_pair(step, predict, size, spec["batch"], spec["repeats"], spec["warmup"], spec["seed"],
                        channels_last_batch=library == "kdcore")
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     return {"library": library, "method": method, "backbone": backbone, "size": size, **details, **timing,
             "teacher_sha256": digest, "threads": torch.get_num_threads(),
             "rss_after_imports_mib": round(rss_imports, 1), "rss_after_build_mib": round(rss_built, 1),
@@ -327,7 +322,7 @@ def run_accuracy_child(spec: dict) -> dict:
     return {"library": spec["library"], "method": "stpm", "backbone": DEFAULT_BACKBONE, "size": size,
             "batch": batch, "epochs": epochs, "selection": selection, **metrics,
             "train_seconds": round(train_seconds, 1), "teacher_sha256": digest,
-            "peak_rss_mib": round(_peak_rss_mib(), 1)}
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -388,13 +383,13 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def markdown(pairs: list[tuple[dict, dict, dict]]) -> str:
-    lines = ["| method (backbone, kdcore train precision) | img/s b32 kdcore / anomalib | speed-up "
+    lines = ["| method (backbone, kdcore dtypes) | img/s b32 kdcore / anomalib | speed-up "
              "| latency ms b1 kdcore / anomalib | speed-up | train step s kdcore / anomalib (batch) | speed-up "
              "| peak MiB kdcore / anomalib | ratio | above-imports MiB kdcore / anomalib | ratio |",
              "|---" * 11 + "|"]
     for ours, theirs, c in pairs:
         lines.append(
-            f"| {ours['method']} ({ours['backbone']}, {ours['train_dtype']}) "
+            f"| {ours['method']} ({ours['backbone']}, {ours['dtypes']}) "
             f"| {ours['images_per_second_b32']} / {theirs['images_per_second_b32']} | {c['throughput_speedup']}x "
             f"| {ours['latency_ms_b1']} / {theirs['latency_ms_b1']} | {c['latency_speedup']}x "
             f"| {ours['train_step_seconds']} / {theirs['train_step_seconds']} ({ours['train_batch_size']}) "
@@ -481,7 +476,7 @@ def main(argv=None) -> int:
 
     print(f"\nkdcore vs anomalib {ANOMALIB_VERSION}, CPU, {args.threads} threads, size {args.size}, median of "
           f"{args.repeats} after {args.warmup + 1} warm-up calls; speed-up = anomalib time / kdcore time; "
-          "memory ratio = kdcore / anomalib (max RSS of each pair's own child process). anomalib: float32, NCHW "
+          "memory ratio = kdcore / anomalib (peak RSS of each pair's own child process). anomalib: float32, NCHW "
           "(its CPU default). RD runs on resnet18 in both (anomalib has no RD decoder for EfficientNet).\n")
     print(markdown(pairs))
     for check in checks:
