@@ -45,8 +45,7 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.base import AnomalyMethod
-from kdcore.methods.rd import OCBE, RDConfig, ReverseDecoder, conv_bn_relu, rd_anomaly_map
+from kdcore.methods.rd import OCBE, RDConfig, ReverseDecoder, ReverseDistillation, conv_bn_relu, rd_anomaly_map
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -116,15 +115,8 @@ class DSKDConfig(RDConfig):
 
 
 @register_method
-class DSKD(AnomalyMethod):
+class DSKD(ReverseDistillation):
     name = "dskd"
     summary = "DSKD-style (2024): forward and reverse students interacting through a deep-feature embedding"
     Config = DSKDConfig
-
-    def build_network(self, backbone: Backbone) -> nn.Module:
-        c = self.config
-        return DSKDNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        trainable = [p for p in self.net.parameters() if p.requires_grad]  # the teacher is frozen
-        return [torch.optim.Adam(trainable, lr=self.config.lr, betas=self.config.betas)]
+    network_class = DSKDNetwork

@@ -172,11 +172,13 @@ class ReverseDistillation(AnomalyMethod):
     name = "rd"
     summary = "Reverse Distillation (CVPR 2022): decoder student behind a one-class bottleneck"
     Config = RDConfig
+    # Variants with another student network around the same teacher (DSKD) override this.
+    network_class: type[nn.Module] = RDNetwork
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
-        return RDNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
+        return self.network_class(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        trainable = list(self.net.bottleneck.parameters()) + list(self.net.decoder.parameters())
+        trainable = [p for p in self.net.parameters() if p.requires_grad]  # the teacher is frozen
         return [torch.optim.Adam(trainable, lr=self.config.lr, betas=self.config.betas)]
