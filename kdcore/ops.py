@@ -58,6 +58,9 @@ class GaussianBlur(nn.Module):
         self.register_buffer("kernel_v", kernel.view(1, 1, -1, 1), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        # Always float32: under bfloat16 autocast the map would keep 3 significant digits, too coarse for
+        # image scores and thresholds.
         r = self.radius
-        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="replicate"), self.kernel_h.to(maps.dtype))
-        return F.conv2d(F.pad(maps, (0, 0, r, r), mode="replicate"), self.kernel_v.to(maps.dtype))
+        with torch.autocast(maps.device.type, enabled=False):
+            maps = F.conv2d(F.pad(maps.float(), (r, r, 0, 0), mode="replicate"), self.kernel_h)
+            return F.conv2d(F.pad(maps, (0, 0, r, r), mode="replicate"), self.kernel_v)

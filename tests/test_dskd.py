@@ -52,7 +52,7 @@ def _student_map(teacher_features, student_features, blur):
 def test_map_is_mean_of_both_students_maps(fitted, test_inputs):
     net, blur = fitted.net, GaussianBlur(sigma=4.0)
     maps, _ = fitted.predict(test_inputs)
-    with torch.inference_mode():
+    with torch.inference_mode(), fitted._autocast():
         teacher = net.teacher(test_inputs)
         forward = net.forward_student(test_inputs)
         reverse = net.reverse_student(net.embedding(teacher, forward[-1]))

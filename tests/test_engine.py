@@ -132,6 +132,17 @@ def test_save_load_gives_identical_maps(fitted, dataset, tmp_path, name):
     assert loaded.calibration == method.calibration and loaded.threshold == method.threshold
 
 
+@pytest.mark.parametrize("name", ["stpm", "rd"])
+def test_maps_keep_float32_resolution_under_bf16_inference(fitted, dataset, monkeypatch, name):
+    method = fitted[name]
+    x = method.preprocess_paths([s.path for s in dataset.test[:2]])
+    monkeypatch.setattr(method, "_autocast", lambda training=False: torch.autocast("cpu", dtype=torch.bfloat16))
+    maps = torch.from_numpy(method.predict(x)[0])
+    # A map rounded to bfloat16 (8 significant bits) would make ties of image scores and coarse thresholds.
+    on_bf16_grid = (maps.to(torch.bfloat16).float() == maps).float().mean()
+    assert on_bf16_grid < 0.1
+
+
 def test_preprocess_accepts_pil_images_of_any_mode(fitted, dataset):
     from PIL import Image
     method = fitted["stpm"]
