@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import kdcore
 import synthetic
 from kdcore import data, metrics
-from kdcore.methods.us import PatchDescriptorNet, compactness_loss, ensemble_scores
+from kdcore.methods.us import PatchDescriptorNet, compactness_loss, ensemble_scores, standardization
 
 SIZE = 64
 # Small enough for a CPU test: one receptive field, quarter width, a short teacher phase.
@@ -40,6 +40,32 @@ def test_ensemble_scores_are_error_and_variance_of_the_mean():
     torch.testing.assert_close(error[:, 0], (mean - targets).pow(2).sum(dim=1))
     # The mean over students of the squared distance to their mean, summed over dimensions.
     torch.testing.assert_close(variance[:, 0], (predictions - mean).pow(2).sum(dim=2).mean(dim=0))
+
+
+def test_global_standardization_is_the_papers_scalar_z_score():
+    values = torch.randn(6, 16, 16, dtype=torch.float64) * 3 + 2
+    stats = standardization(values, "global")
+    assert stats.shape == (2, 16, 16)
+    torch.testing.assert_close(stats[0], torch.full((16, 16), float(values.mean())))
+    torch.testing.assert_close(stats[1], torch.full((16, 16), float(values.std())))
+
+
+def test_position_standardization_removes_a_noisier_border_band():
+    # Normal maps whose border band is brighter and noisier than the centre, like magnetic_tile's.
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(40, 32, 32, generator=generator, dtype=torch.float64)
+    border = torch.ones(32, 32, dtype=torch.float64)
+    border[4:-4, 4:-4] = 0
+    holdout = noise * (1 + 4 * border) + 10 * border
+    normal = torch.randn(20, 32, 32, generator=generator, dtype=torch.float64) * (1 + 4 * border) + 10 * border
+    defective = normal.clone()
+    defective[:, 14:18, 14:18] += 4  # a modest defect in the centre
+    for mode, expect_separation in (("global", False), ("position", True)):
+        mean, std = standardization(holdout, mode)
+        z = lambda maps: ((maps - mean) / std).amax(dim=(1, 2)).numpy()
+        labels = np.r_[np.zeros(20), np.ones(20)]
+        auroc = metrics.image_auroc(labels, np.r_[z(normal), z(defective)])
+        assert (auroc > 0.9) == expect_separation, (mode, auroc)
 
 
 def test_compactness_is_zero_for_uncorrelated_descriptors_and_positive_otherwise():
@@ -101,6 +127,7 @@ def test_presets_fill_only_unset_parameters():
     (dict(kd_weight=0.0), "kd_weight"),
     (dict(metric_weight=-1.0), "metric_weight"),
     (dict(epochs=0), "epochs"),
+    (dict(standardize="pixel"), "standardize"),
     (dict(colour=1), "unknown"),
 ])
 def test_invalid_parameters_raise(params, message):
