@@ -41,10 +41,16 @@ def _inference_rate(method, paths, batch_size: int = 32, repeats: int = 3) -> fl
     return len(x) / best
 
 
+def _report_epoch(p: kdcore.TrainProgress) -> None:
+    if p.holdout_score is not None:  # the report that ends an epoch
+        print(f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4g}, hold-out mean score {p.holdout_score:.4g}, "
+              f"{p.elapsed_seconds:.0f} s", file=sys.stderr, flush=True)
+
+
 def run_one(name: str, params: dict, data_dir: str, model_dir: Path) -> dict:
     dataset = data.load_dataset(data_dir)
     method = kdcore.create_method(name, **params)
-    method.fit(dataset)
+    method.fit(dataset, progress=_report_epoch)
     model_path = method.save(model_dir / f"{name}.pt")
     start = time.perf_counter()
     metrics = evaluate_model(method, dataset)
@@ -132,11 +138,11 @@ def main(argv=None) -> int:
                 params[param] = json.loads(value)
         print(f"== {name} {params}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--data", args.data, "--out", args.out,
-                               "--single", json.dumps(params)], capture_output=True, text=True)
+                               "--single", json.dumps(params)], stdout=subprocess.PIPE, text=True)
         result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not result_lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            rows.append({"method": name, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]})
+            # The child's traceback went to stderr above.
+            rows.append({"method": name, "error": f"exit status {proc.returncode}"})
             continue
         rows.append(json.loads(result_lines[-1][len("RESULT "):]))
         print(markdown_table([rows[-1]]), flush=True)
