@@ -143,6 +143,16 @@ def test_maps_keep_float32_resolution_under_bf16_inference(fitted, dataset, monk
     assert on_bf16_grid < 0.1
 
 
+def test_load_of_a_network_that_no_longer_fits_is_a_clear_error(fitted, tmp_path):
+    path = fitted["rd"].save(tmp_path / "rd.pt")
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k in payload["state_dict"] if k.startswith("decoder"))
+    payload["state_dict"][name] = torch.zeros(1)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="does not fit this kdcore version.*train the model again"):
+        kdcore.load(path)
+
+
 def test_preprocess_accepts_pil_images_of_any_mode(fitted, dataset):
     from PIL import Image
     method = fitted["stpm"]

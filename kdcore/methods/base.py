@@ -331,7 +331,12 @@ class AnomalyMethod:
         method = cls(**{**payload["config"], "device": device})
         # The saved state holds the teacher too, so rebuild without fetching weights and load them all.
         method._build(teacher_weights="none")
-        method.net.load_state_dict(payload["state_dict"], strict=True)
+        try:
+            method.net.load_state_dict(payload["state_dict"], strict=True)
+        except RuntimeError as exc:  # e.g. a model saved before a method's network changed
+            detail = str(exc).strip().splitlines()[-1].strip()
+            raise ValueError(f"the saved '{cls.name}' network does not fit this kdcore version's ({detail}); "
+                             "train the model again") from exc
         method.teacher_weights = WeightsInfo(**payload["teacher_weights"])
         method.calibration = payload["calibration"]
         method.threshold = payload["threshold"]
