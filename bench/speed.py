@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,22 +52,33 @@ def top_operators(fn, device: torch.device, rows: int = 8) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=40)
 
 
-def measure(name: str, size: int, device: str, repeats: int, profile: bool = False) -> dict:
-    method = kdcore.create_method(name, size=size, device=device, **SPEED_ONLY_PARAMS.get(name, {}))
+def prepare_for_timing(method) -> Callable[[torch.Tensor], float]:
+    """Build an untrained method so that ``predict`` and training steps can be timed; returns the step."""
+    size = method.config.size
     method._build(method.config.weights)
     method.setup_training(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8))
     # predict() refuses unfitted models; a placeholder calibration is enough to time the network.
     method.calibration = {"placeholder": True}
+    optimizers = method.configure_optimizers()
+
+    def step(x: torch.Tensor) -> float:
+        method.net.train()
+        with method._autocast(training=True):
+            return method.training_step(x, optimizers)
+
+    return step
+
+
+def measure(name: str, size: int, device: str, repeats: int, profile: bool = False) -> dict:
+    method = kdcore.create_method(name, size=size, device=device, **SPEED_ONLY_PARAMS.get(name, {}))
+    step_on = prepare_for_timing(method)
     dev = method.device
     batch32 = torch.randn(32, 3, size, size, device=dev)
     batch1 = batch32[:1].clone()
     train_batch = torch.randn(method.config.batch_size, 3, size, size, device=dev)
-    optimizers = method.configure_optimizers()
 
     def train_step():
-        method.net.train()
-        with method._autocast(training=True):
-            method.training_step(train_batch, optimizers)
+        step_on(train_batch)
 
     # Training steps first: they give BatchNorm running statistics, without which an untrained student's
     # activations drift into denormal floats and inference times measure the CPU's denormal penalty instead.

@@ -85,7 +85,7 @@ import torch
 
 import kdcore
 from bench.memory import current_rss_mib, peak_rss_mib
-from bench.speed import _median_seconds
+from bench.speed import _median_seconds, prepare_for_timing
 from kdcore.backbones import DEFAULT_BACKBONE, _full_model_state, _state_digest, create_feature_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,17 +192,7 @@ def build_kdcore(method: str, backbone: str, size: int, batch: int, weights: str
 
 
 def kdcore_step_and_predict(method):
-    method._build(method.config.weights)
-    # predict() refuses unfitted models; a placeholder calibration is enough to time the network (as bench.speed).
-    method.calibration = {"placeholder": True}
-    optimizers = method.configure_optimizers()
-
-    def step(x: torch.Tensor) -> float:
-        method.net.train()
-        with method._autocast(training=True):
-            return method.training_step(x, optimizers)
-
-    return step, method.predict
+    return prepare_for_timing(method), method.predict
 
 
 # ----------------------------------------------------------------------------- one measurement (child process)
