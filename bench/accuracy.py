@@ -16,17 +16,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import kdcore
 from kdcore import data
-from kdcore.evaluation import evaluate_model, predict_paths
+from kdcore import metrics
+from kdcore.evaluation import evaluate_model, test_masks
 
 from bench.memory import peak_rss_mib
 
+REFERENCE = "teacher_knn"  # the teacher's own features, no student: every row shows its gain over this one
 COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AU-PRO"),
-           ("f1_max", "F1-max"), ("train_seconds", "train s"), ("seconds_per_epoch", "s/epoch"),
-           ("images_per_second", "infer img/s"), ("peak_memory_mib", "peak MiB")]
+           ("f1_max", "F1-max"), ("f1_all_defective", "F1 all-NG"), ("train_seconds", "train s"),
+           ("seconds_per_epoch", "s/epoch"), ("images_per_second", "infer img/s"), ("peak_memory_mib", "peak MiB")]
+# Columns whose difference to the reference row is printed beside the value.
+GAIN_COLUMNS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def _inference_rate(method, paths, batch_size: int = 32, repeats: int = 3) -> float:
@@ -41,16 +46,32 @@ def _inference_rate(method, paths, batch_size: int = 32, repeats: int = 3) -> fl
     return len(x) / best
 
 
-def _report_epoch(p: kdcore.TrainProgress) -> None:
-    if p.holdout_score is not None:  # the report that ends an epoch
-        print(f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4g}, hold-out mean score {p.holdout_score:.4g}, "
-              f"{p.elapsed_seconds:.0f} s", file=sys.stderr, flush=True)
+def _epoch_reporter(method, dataset, trace: bool):
+    """Progress callback printing each epoch's loss and hold-out score; with ``trace`` also the test metrics
+    of that epoch's network. The trace is a diagnosis of the selection rule and the budget: it never selects."""
+    test_input = None
+
+    def report(p: kdcore.TrainProgress) -> None:
+        nonlocal test_input
+        if p.holdout_score is None:  # only the report that ends an epoch
+            return
+        line = f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4g}, hold-out mean score {p.holdout_score:.4g}, " \
+               f"{p.elapsed_seconds:.0f} s"
+        if trace:
+            if test_input is None:
+                test_input = method.preprocess_paths([s.path for s in dataset.test])
+            maps, scores = method._predict(test_input, 32)
+            labels = np.array([s.label for s in dataset.test])
+            result = metrics.evaluate(labels, scores, test_masks(dataset, method.config.size), maps)
+            line += f" | test image AUROC {result['image_auroc']:.3f}, pixel AUROC {result['pixel_auroc'] or 0:.3f}"
+        print(line, file=sys.stderr, flush=True)
+    return report
 
 
-def run_one(name: str, params: dict, data_dir: str, model_dir: Path) -> dict:
+def run_one(name: str, params: dict, data_dir: str, model_dir: Path, trace: bool = False) -> dict:
     dataset = data.load_dataset(data_dir)
     method = kdcore.create_method(name, **params)
-    method.fit(dataset, progress=_report_epoch)
+    method.fit(dataset, progress=_epoch_reporter(method, dataset, trace))
     model_path = method.save(model_dir / f"{name}.pt")
     start = time.perf_counter()
     metrics = evaluate_model(method, dataset)
@@ -58,7 +79,8 @@ def run_one(name: str, params: dict, data_dir: str, model_dir: Path) -> dict:
     return {
         # US distils its teacher before the epochs: that counts as training time, not as time per epoch.
         "method": name, **metrics, "train_seconds": info["seconds"] + info.get("teacher", {}).get("seconds", 0),
-        "seconds_per_epoch": info["seconds"] / info["epochs_run"], "best_epoch": info["best_epoch"],
+        "seconds_per_epoch": info["seconds"] / info["epochs_run"] if info["epochs_run"] else None,
+        "best_epoch": info["best_epoch"],
         "epochs_run": info["epochs_run"], "evaluate_seconds": time.perf_counter() - start,
         "images_per_second": _inference_rate(method, [s.path for s in dataset.test]),
         "peak_memory_mib": peak_rss_mib(),
@@ -77,14 +99,36 @@ def _epochs_for(spec: list[str] | None, name: str) -> int | None:
     return None
 
 
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) and value < 10 else f"{value:.0f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    def fmt(value):
-        if value is None:
-            return "n/a"
-        return f"{value:.3f}" if isinstance(value, float) and value < 10 else f"{value:.0f}"
+    """One row per method; AUROCs and AU-PRO with their gain over ``teacher_knn`` when it is among the rows."""
+    reference = next((r for r in rows if r["method"] == REFERENCE), None)
+
+    def cell(row, key):
+        text = _fmt(row.get(key))
+        if reference is not None and row is not reference and key in GAIN_COLUMNS \
+                and row.get(key) is not None and reference.get(key) is not None:
+            text += f" ({row[key] - reference[key]:+.3f})"
+        return text
     lines = ["| method | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += ["| " + r["method"] + " | " + " | ".join(fmt(r.get(key)) for key, _ in COLUMNS) + " |" for r in rows]
+    lines += ["| " + r["method"] + " | " + " | ".join(cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def per_defect_table(rows: list[dict]) -> str:
+    """Image AUROC of each defect type against the good test images, one row per method."""
+    defects = sorted({d for r in rows for d in r.get("per_defect") or {}})
+    if not defects:
+        return ""
+    lines = ["| method | " + " | ".join(defects) + " |", "|---" * (len(defects) + 1) + "|"]
+    lines += ["| " + r["method"] + " | " + " | ".join(_fmt((r.get("per_defect") or {}).get(d)) for d in defects)
+              + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -104,6 +148,15 @@ def merge_results(path: Path, rows: list[dict], seed: int) -> list[dict]:
     return sorted(kept + rows, key=lambda r: r["method"])
 
 
+def _has_reference(path: Path, seed: int) -> bool:
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return earlier.get("seed") == seed and any(r.get("method") == REFERENCE and "error" not in r
+                                               for r in earlier.get("results", []))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -115,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME.KEY=VALUE", help="extra method parameter")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--trace", action="store_true",
+                        help="diagnosis: print the test metrics after every epoch (slower; never used to select)")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -122,11 +177,15 @@ def main(argv=None) -> int:
     if args.single:
         params = json.loads(args.single)
         name = params.pop("method")
-        print("RESULT " + json.dumps(run_one(name, params, args.data, out / "models")), flush=True)
+        print("RESULT " + json.dumps(run_one(name, params, args.data, out / "models", args.trace)), flush=True)
         return 0
 
     rows = []
-    for name in args.methods:
+    methods = list(args.methods)
+    if REFERENCE not in methods and not _has_reference(out / f"accuracy_{Path(args.data).name}_{args.size}.json",
+                                                       args.seed):
+        methods.insert(0, REFERENCE)
+    for name in methods:
         params = {"method": name, "size": args.size, "seed": args.seed, "device": args.device}
         if (epochs := _epochs_for(args.epochs, name)) is not None:
             params["epochs"] = epochs
@@ -139,7 +198,7 @@ def main(argv=None) -> int:
                 params[param] = json.loads(value)
         print(f"== {name} {params}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--data", args.data, "--out", args.out,
-                               "--single", json.dumps(params)], stdout=subprocess.PIPE, text=True)
+                               "--single", json.dumps(params), *(["--trace"] if args.trace else [])], stdout=subprocess.PIPE, text=True)
         result_lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not result_lines:
             # The child's traceback went to stderr above.
@@ -156,7 +215,9 @@ def main(argv=None) -> int:
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "results": rows}
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table([r for r in rows if "error" not in r])
+    good = [r for r in rows if "error" not in r]
+    table = markdown_table(good) + "\n\nImage AUROC per defect type (against the good test images):\n\n" \
+        + per_defect_table(good)
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     return 0

@@ -106,7 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_model(method, dataset, on_chunk=lambda done: bar.update(done - bar.n))
     print(f"{method.name} on {dataset.root}: {result['n_images']} images, {result['n_defective']} defective")
     for key, label in METRIC_LABELS.items():
-        print(f"  {label:<13} {_format_metric(result[key])}")
+        line = f"  {label:<13} {_format_metric(result[key])}"
+        if key == "f1_max":
+            line += f"  (calling everything defective: {result['f1_all_defective']:.4f})"
+        print(line)
+    for defect, value in result.get("per_defect", {}).items():
+        print(f"  image AUROC, {defect} vs good: {value:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

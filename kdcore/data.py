@@ -363,37 +363,77 @@ def _wxh(size: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------------
 
 
+#: How an image becomes a square: "stretch" squashes it (the aspect ratio is lost); "letterbox" scales its
+#: longer side to the square and fills the rest by repeating the edge pixels, so shapes keep their proportions.
+RESIZE_MODES = ("stretch", "letterbox")
+
+
 def read_image(path: PathArg, size: int) -> np.ndarray:
     """Read any Pillow-readable image as ``uint8`` RGB of shape (size, size, 3).
 
     Grayscale is replicated to three channels, alpha is dropped, 16-bit data is
     scaled to 8 bits. The image is stretched to a square with bilinear filtering
     (antialiased when shrinking), so every image ends up identical in shape whatever
-    its original resolution or aspect ratio.
+    its original resolution or aspect ratio. This is the *image frame* in which maps
+    and masks are shown and evaluated, whatever geometry a model's input uses.
     """
+    return read_model_input(path, size, "stretch")[0]
+
+
+def read_model_input(path: PathArg, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``prepare_model_input`` of the file at ``path``."""
     img = _open(path)
     try:
-        return prepare_image(img, size)
+        return prepare_model_input(img, size, resize)
     finally:
         img.close()
 
 
+def content_box(width: int, height: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a width×height picture inside the size×size square ``resize`` makes."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize == "stretch":
+        return 0, 0, size, size
+    scale = size / max(width, height)
+    box_w = min(size, max(1, round(width * scale)))
+    box_h = min(size, max(1, round(height * scale)))
+    return (size - box_h) // 2, (size - box_w) // 2, box_h, box_w
+
+
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     """An already opened image (any mode and size) as ``uint8`` RGB of shape (size, size, 3), as ``read_image``."""
+    return prepare_model_input(img, size, "stretch")[0]
+
+
+def prepare_model_input(img: Image.Image, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """An opened image as a model sees it: (size, size, 3) ``uint8`` RGB made by ``resize`` (``RESIZE_MODES``),
+    and the picture's ``content_box`` in it. Letterbox margins repeat the edge pixels: a constant border
+    would be an edge the networks respond to, at a place that moves with the aspect ratio."""
     size = _check_size(size)
-    small = to_8bit(img).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(small.convert("RGB"), dtype=np.uint8)
+    top, left, box_h, box_w = box = content_box(img.width, img.height, size, resize)
+    small = np.asarray(to_8bit(img).resize((box_w, box_h), Image.Resampling.BILINEAR).convert("RGB"),
+                       dtype=np.uint8)
+    if (box_h, box_w) != (size, size):
+        small = np.pad(small, ((top, size - top - box_h), (left, size - left - box_w), (0, 0)), mode="edge")
+    return small, box
 
 
 def read_images(paths: Iterable[PathArg], size: int) -> np.ndarray:
-    """Read several images into one ``uint8`` array of shape (N, size, size, 3)."""
+    """Read several images into one ``uint8`` array of shape (N, size, size, 3), as ``read_image``."""
+    return read_model_inputs(paths, size, "stretch")[0]
+
+
+def read_model_inputs(paths: Iterable[PathArg], size: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """Several ``read_model_input``: images N×size×size×3 ``uint8`` and their boxes N×4."""
     size = _check_size(size)
     paths = list(paths)
     # Filled in place: stacking a list would briefly hold every image twice.
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    boxes = np.empty((len(paths), 4), dtype=np.int64)
     for i, path in enumerate(paths):
-        out[i] = read_image(path, size)
-    return out
+        out[i], boxes[i] = read_model_input(path, size, resize)
+    return out, boxes
 
 
 def read_mask(path: PathArg, size: int) -> np.ndarray:

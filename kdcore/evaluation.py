@@ -47,4 +47,5 @@ def evaluate_model(method: AnomalyMethod, dataset: data.AnomalyDataset,
         raise data.DataError(f"{dataset.root} has no test images to evaluate on (expected test/good and test/<defect>)")
     labels = np.array([sample.label for sample in dataset.test])
     maps, scores = predict_paths(method, [sample.path for sample in dataset.test], on_chunk=on_chunk)
-    return metrics.evaluate(labels, scores, test_masks(dataset, method.config.size), maps)
+    return metrics.evaluate(labels, scores, test_masks(dataset, method.config.size), maps,
+                            defects=[sample.defect for sample in dataset.test])

@@ -21,7 +21,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "aupr", "evaluate"]
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_all_defective", "aupr", "per_defect_auroc",
+           "evaluate"]
 
 # Region labelling connects pixels sharing an edge (4-connectivity, scipy's default),
 # and never across images: the middle slice of a 3-D structure with empty outer slices.
@@ -143,6 +144,37 @@ def f1_max(labels, scores) -> tuple[float, float]:
     return float(f1[best]), float(threshold)
 
 
+def f1_all_defective(labels) -> float:
+    """F1 of calling every image defective: the baseline any F1 must be read against.
+
+    Precision is the share of defective images, recall 1, so F1 = 2·n_defective / (n_images + n_defective).
+    """
+    labels = _as_binary(labels, "labels")
+    n_defective = int(np.count_nonzero(labels))
+    return 2.0 * n_defective / (labels.size + n_defective) if labels.size else 0.0
+
+
+def per_defect_auroc(defects, scores, normal: str = "good") -> dict[str, float]:
+    """Image AUROC of each defect type's images against the normal images (``defects`` names each image's type).
+
+    Types are sorted by name. Raises ValueError when there is no normal image or no defective one.
+    """
+    defects = np.asarray(defects, dtype=object)
+    scores = np.asarray(scores, dtype=np.float64)
+    if defects.shape != scores.shape or defects.ndim != 1:
+        raise ValueError(f"defects and scores must be 1-D of one length, got {defects.shape} and {scores.shape}")
+    is_normal = defects == normal
+    if not is_normal.any() or is_normal.all():
+        raise ValueError(f"per-defect AUROC needs '{normal}' images and defective ones")
+    normal_scores = scores[is_normal]
+    result = {}
+    for defect in sorted(set(defects[~is_normal])):
+        chosen = scores[defects == defect]
+        labels = np.r_[np.zeros(normal_scores.size, bool), np.ones(chosen.size, bool)]
+        result[str(defect)] = image_auroc(labels, np.r_[normal_scores, chosen])
+    return result
+
+
 def aupr(labels, scores) -> float:
     """Area under the precision-recall curve of per-image scores (average precision,
     defective = positive class). Raises ValueError unless both classes are present."""
@@ -151,12 +183,15 @@ def aupr(labels, scores) -> float:
     return float(average_precision_score(labels, scores))
 
 
-def evaluate(labels, scores, masks=None, maps=None) -> dict:
+def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     """All metrics of one method on one test set, as a JSON-ready dict.
 
-    Keys: ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max``, ``aupr``,
-    ``n_images``, ``n_defective``. ``f1_max`` and ``aupr`` are image-level (get the
-    F1 threshold from :func:`f1_max`). The pixel keys are None when ``masks`` is
+    Keys: ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max``, ``f1_all_defective``
+    (the F1 of calling everything defective, F1-max's baseline), ``aupr``,
+    ``n_images``, ``n_defective`` and, when ``defects`` names each image's type
+    ("good" for normal ones), ``per_defect`` (type -> image AUROC against the good
+    images). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
+    :func:`f1_max`). The pixel keys are None when ``masks`` is
     None (``maps`` is then ignored, so image-level-only sets can pass their maps
     anyway) or no mask has a defect pixel. Masks and maps hold one N×H×W slice per
     image, in the order of ``labels``. Raises ValueError unless both image classes
@@ -180,9 +215,11 @@ def evaluate(labels, scores, masks=None, maps=None) -> dict:
         "pixel_auroc": pixel_auroc_value,
         "aupro": aupro_value,
         "f1_max": f1_max(labels, scores)[0],
+        "f1_all_defective": f1_all_defective(labels),
         "aupr": aupr(labels, scores),
         "n_images": int(labels.size),
         "n_defective": int(np.count_nonzero(labels)),
+        **({"per_defect": per_defect_auroc(defects, scores)} if defects is not None else {}),
     }
 
 

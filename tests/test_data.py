@@ -18,10 +18,13 @@ from kdcore.data import (
     AnomalyDataset,
     DataError,
     TestSample,
+    content_box,
     load_dataset,
     read_image,
     read_images,
     read_mask,
+    read_model_input,
+    read_model_inputs,
 )
 
 # ---------------------------------------------------------------------------
@@ -465,3 +468,34 @@ def test_all_corrupt_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no usable images") as err:
         load_dataset(tmp_path)
     assert str(tmp_path) in str(err.value) and "3 unreadable" in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Model-input geometry
+# ---------------------------------------------------------------------------
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_repeats_the_edges(tmp_path):
+    # A 40x20 picture: left half black, right half white.
+    array = np.zeros((20, 40), np.uint8)
+    array[:, 20:] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(array).save(path)
+    square, box = read_model_input(path, 32, "letterbox")
+    assert box == (8, 0, 16, 32) == content_box(40, 20, 32, "letterbox")
+    assert square.shape == (32, 32, 3)
+    # The margins above and below repeat the picture's first and last rows, so there is no new edge.
+    assert (square[:8] == square[8]).all() and (square[24:] == square[23]).all()
+    assert square[16, 2].max() == 0 and square[16, 29].min() == 255
+    stretched, full = read_model_input(path, 32, "stretch")
+    assert full == (0, 0, 32, 32) and (stretched == read_image(path, 32)).all()
+    images, boxes = read_model_inputs([path, path], 32, "letterbox")
+    assert images.shape == (2, 32, 32, 3) and boxes.tolist() == [[8, 0, 16, 32]] * 2
+
+
+def test_content_box_of_tall_square_and_extreme_pictures():
+    assert content_box(10, 40, 64, "letterbox") == (0, 24, 64, 16)
+    assert content_box(50, 50, 64, "letterbox") == (0, 0, 64, 64)
+    assert content_box(1000, 1, 64, "letterbox") == (31, 0, 1, 64)  # never an empty box
+    with pytest.raises(ValueError, match="resize must be one of"):
+        content_box(10, 10, 64, "crop")

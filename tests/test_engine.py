@@ -159,7 +159,45 @@ def test_preprocess_accepts_pil_images_of_any_mode(fitted, dataset):
     path = dataset.test[0].path
     gray = Image.open(path).convert("L").resize((50, 70))
     x = method.preprocess([gray, Image.open(path).convert("RGBA")])
-    assert x.shape == (2, 3, 64, 64)
+    assert x.images.shape == (2, 3, 64, 64)
+    assert x.boxes.tolist() == [list(data.content_box(50, 70, 64, "letterbox")), [0, 0, 64, 64]]
+
+
+def test_letterboxed_input_gives_maps_in_the_image_frame(fitted, dataset, tmp_path):
+    """A wide picture is letterboxed for the network; its map comes back covering the picture only."""
+    from PIL import Image
+    method = fitted["rd"]
+    assert method.config.resize == "letterbox"
+    square = Image.open(dataset.test[0].path).convert("RGB")
+    wide = square.resize((128, 64))
+    x = method.preprocess([wide])
+    top, left, height, width = x.boxes[0].tolist()
+    assert (top, left, height, width) == (16, 0, 32, 64)
+    raw = method._maps(x.images, 1)[0]  # the network's map of the letterboxed square, as predict computes it
+    maps, scores = method.predict(x)
+    assert maps.shape == (1, 64, 64)
+    # The map is the network's map of the picture's box, stretched back: its values come from inside the box.
+    inside = raw[top:top + height, left:left + width]
+    assert inside.min() - 1e-5 <= maps.min() and maps.max() <= inside.max() + 1e-5
+    assert scores[0] == pytest.approx(maps.max())
+
+
+def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted, tmp_path):
+    """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
+    path = tmp_path / "old.pt"
+    old = kdcore.create_method("rd", resize="stretch", linear_heads=False, epochs=1, **TINY)
+    old._build("default")
+    old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
+    old.teacher_weights = fitted["rd"].teacher_weights
+    old.save(path)
+    payload = torch.load(path, weights_only=True)
+    for key in ("resize", "linear_heads"):
+        del payload["config"][key]
+    torch.save(payload, path)
+    loaded = kdcore.load(path)
+    assert loaded.config.resize == "stretch" and loaded.config.linear_heads is False
+    x = torch.randn(1, 3, 64, 64)
+    np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
 
 
 def test_progress_and_clean_stop(dataset):

@@ -5,7 +5,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from kdcore.metrics import aupr, aupro, evaluate, f1_max, image_auroc, pixel_auroc
+from kdcore.metrics import (aupr, aupro, evaluate, f1_all_defective, f1_max, image_auroc, per_defect_auroc,
+                            pixel_auroc)
 
 # Six images with a tie between a defective and a normal one (0.4).
 LABELS = [0, 0, 1, 1, 0, 1]
@@ -289,7 +290,7 @@ def test_evaluate_keys_and_values():
     maps = PRO_MAPS[::-1]
     result = evaluate(labels, [0.2, 0.9], masks, maps)
     assert set(result) == {
-        "image_auroc", "pixel_auroc", "aupro", "f1_max", "aupr", "n_images", "n_defective"
+        "image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_all_defective", "aupr", "n_images", "n_defective"
     }
     assert result["image_auroc"] == 1.0
     assert result["f1_max"] == 1.0
@@ -316,3 +317,24 @@ def test_evaluate_rejects_mismatched_inputs():
         evaluate(LABELS, SCORES, masks=np.zeros((6, 2, 2), bool))
     with pytest.raises(ValueError, match="hold 2 images but labels 6"):
         evaluate(LABELS, SCORES, PRO_MASKS, PRO_MAPS)
+
+
+def test_f1_of_calling_everything_defective():
+    # 3 of 6 defective: precision 1/2, recall 1, F1 = 2/3; the same as F1-max's worst case on these labels.
+    assert f1_all_defective(LABELS) == pytest.approx(2 / 3)
+    assert f1_all_defective([0, 0, 0, 1]) == pytest.approx(2 * 1 / (4 + 1))
+    assert evaluate(LABELS, SCORES)["f1_all_defective"] == pytest.approx(2 / 3)
+
+
+def test_per_defect_auroc_compares_each_type_with_the_good_images_only():
+    defects = ["good", "good", "dent", "scratch", "good", "dent"]
+    scores = [0.1, 0.4, 0.5, 0.05, 0.2, 0.3]
+    result = per_defect_auroc(defects, scores)
+    assert list(result) == ["dent", "scratch"]
+    # dent: 0.5 beats all three good scores, 0.3 beats 0.1 and 0.2 -> 5 of 6 pairs; scratch beats none.
+    assert result["dent"] == pytest.approx(5 / 6) and result["scratch"] == 0.0
+    labels = [d != "good" for d in defects]
+    assert evaluate(labels, scores, defects=defects)["per_defect"] == result
+    assert "per_defect" not in evaluate(labels, scores)
+    with pytest.raises(ValueError, match="needs 'good' images"):
+        per_defect_auroc(["dent", "dent"], [0.1, 0.2])

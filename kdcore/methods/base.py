@@ -20,6 +20,7 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -47,6 +48,13 @@ class MethodConfig:
     # "auto": bfloat16 autocast where the hardware has native bf16 (CUDA, or CPUs with AVX-512 BF16/AMX), for
     # training and, unless the method opts out (``cpu_bf16_inference``), for prediction; "fp32" never.
     precision: str = "auto"
+    # How images become the square input (``data.RESIZE_MODES``). Maps always come back in the image frame
+    # (the picture stretched to the square), where masks and displays live. Models saved before this field
+    # existed were trained on stretched images and load as "stretch".
+    resize: str = "letterbox"
+    # Values of parameters added after models were saved, which reproduce those models: a saved config that
+    # lacks a key gets it from here, not from today's default.
+    legacy_defaults: ClassVar[dict] = {"resize": "stretch"}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +70,8 @@ class MethodConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.resize not in data.RESIZE_MODES:
+            raise ValueError(f"resize must be one of {data.RESIZE_MODES}, got {self.resize!r}")
         if not isinstance(self.weights, str) or not self.weights:
             raise ValueError("weights must be 'default', 'imagenet', 'none' or a path to a weights file")
 
@@ -78,6 +88,21 @@ class TrainProgress:
     elapsed_seconds: float
     eta_seconds: float
     holdout_score: float | None = None  # mean normal hold-out score, set on the report that ends an epoch
+
+
+@dataclass
+class ModelInput:
+    """Normalised images N×3×S×S as a model sees them, with each picture's box (top, left, height, width) in
+    its square; ``boxes`` None means every picture fills it. ``predict`` takes this or a bare tensor."""
+
+    images: torch.Tensor
+    boxes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: slice) -> "ModelInput":
+        return ModelInput(self.images[index], None if self.boxes is None else self.boxes[index])
 
 
 ProgressCallback = Callable[[TrainProgress], None]
@@ -112,6 +137,9 @@ class AnomalyMethod:
     # Keep the epoch whose normal hold-out has the lowest mean score; a method whose teacher also trains
     # (so that low scores can mean collapse) turns this off and keeps the last epoch.
     select_on_holdout: ClassVar[bool] = True
+    # A reference method with nothing to optimise (``teacher_knn``) turns this off: ``fit`` then only runs
+    # ``setup_training`` and the hold-out calibration.
+    trains: ClassVar[bool] = True
     # Predict under bfloat16 on CPUs with native bf16. Checked with the evaluator on magnetic_tile: the four
     # metrics of STPM, RD, DSKD and URD moved by at most 0.004 while evaluation ran 1.4-1.8x faster. A method
     # whose map subtracts near-equal values (US's predictive variance) turns it off.
@@ -196,20 +224,32 @@ class AnomalyMethod:
         tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
-    def preprocess(self, images: Iterable[Image.Image]) -> torch.Tensor:
-        """PIL images (any mode and size) → normalised float tensor N×3×S×S on the model's device."""
+    def preprocess(self, images: Iterable[Image.Image]) -> ModelInput:
+        """PIL images (any mode and size) → the model's normalised input, on the model's device."""
         self._require_fitted()
-        arrays = np.stack([data.prepare_image(image, self.config.size) for image in images])
-        return self._normalize(self._to_uint8_tensor(arrays))
+        prepared = [data.prepare_model_input(image, self.config.size, self.config.resize) for image in images]
+        arrays = np.stack([array for array, _ in prepared])
+        return self._model_input(arrays, np.array([box for _, box in prepared], dtype=np.int64))
 
-    def preprocess_paths(self, paths: Iterable[str | Path]) -> torch.Tensor:
-        return self._normalize(self._to_uint8_tensor(data.read_images(list(paths), self.config.size)))
+    def preprocess_paths(self, paths: Iterable[str | Path]) -> ModelInput:
+        return self._model_input(*data.read_model_inputs(list(paths), self.config.size, self.config.resize))
+
+    def _model_input(self, arrays: np.ndarray, boxes: np.ndarray) -> ModelInput:
+        return ModelInput(self._normalize(self._to_uint8_tensor(arrays)), torch.from_numpy(boxes))
 
     # ----------------------------------------------------------------- prediction
-    def predict(self, x: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Raw anomaly maps N×S×S (float32, input resolution) and image scores N (max of each map)."""
+    def predict(self, x: ModelInput | torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Raw anomaly maps N×S×S in the image frame (float32) and image scores N (max of each map).
+
+        A bare tensor is taken as pictures that fill their squares.
+        """
         self._require_fitted()
-        maps = self._maps(x, batch_size)
+        return self._predict(x if isinstance(x, ModelInput) else ModelInput(x), batch_size)
+
+    def _predict(self, x: ModelInput, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        maps = self._maps(x.images, batch_size)
+        if x.boxes is not None:
+            maps = to_image_frame(maps, x.boxes)
         return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
 
     def _maps(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -221,9 +261,13 @@ class AnomalyMethod:
                 chunks.append(self.net.anomaly_map(chunk).float()[:, 0].cpu())
         return torch.cat(chunks)
 
-    def _holdout_scores(self, holdout_u8: torch.Tensor) -> np.ndarray:
-        scores = [self._maps(self._normalize(chunk), 32).amax(dim=(1, 2)) for chunk in holdout_u8.split(32)]
-        return torch.cat(scores).numpy()
+    def _holdout_scores(self, holdout: ModelInput) -> np.ndarray:
+        """Image scores of the normal hold-out (kept as uint8 images to bound memory)."""
+        scores = []
+        for start in range(0, len(holdout), 32):
+            chunk = holdout[start:start + 32]
+            scores.append(self._predict(ModelInput(self._normalize(chunk.images), chunk.boxes), 32)[1])
+        return np.concatenate(scores)
 
     # ----------------------------------------------------------------- training
     def fit(self, dataset: data.AnomalyDataset | str | Path, progress: ProgressCallback | None = None,
@@ -237,10 +281,28 @@ class AnomalyMethod:
             dataset = data.load_dataset(dataset)
         self._build(self.config.weights)
         size = self.config.size
-        train_u8 = self._to_uint8_tensor(data.read_images(dataset.train, size))
-        holdout_u8 = self._to_uint8_tensor(data.read_images(dataset.holdout, size))
+        train_u8 = self._to_uint8_tensor(data.read_model_inputs(dataset.train, size, self.config.resize)[0])
+        holdout_images, holdout_boxes = data.read_model_inputs(dataset.holdout, size, self.config.resize)
+        holdout = ModelInput(self._to_uint8_tensor(holdout_images), torch.from_numpy(holdout_boxes))
         self.net.train()
         self.setup_training(train_u8)
+        start = time.perf_counter()
+        if self.trains:
+            step, epoch, best_epoch, stopped = self._train_epochs(train_u8, holdout, progress, should_stop)
+        else:
+            step, epoch, best_epoch, stopped = 0, 0, 0, False
+        self.finish_training(holdout.images)
+        self._calibrate(self._holdout_scores(holdout))
+        self.training_info = {
+            "seconds": round(time.perf_counter() - start, 3), "steps": step, "epochs_run": epoch,
+            "best_epoch": best_epoch, "stopped_early": stopped, "n_train": len(train_u8),
+            "n_holdout": len(holdout), "device": self.device.type, "dataset": str(dataset.root),
+        }
+        return self
+
+    def _train_epochs(self, train_u8: torch.Tensor, holdout: ModelInput, progress: ProgressCallback | None,
+                      should_stop: StopCallback | None) -> tuple[int, int, int, bool]:
+        """The optimisation loop; leaves the selected epoch's state in ``net``. Returns step, epoch, best, stopped."""
         optimizers = self.configure_optimizers()
 
         batch_size = min(self.config.batch_size, len(train_u8))
@@ -264,7 +326,7 @@ class AnomalyMethod:
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
-            holdout_scores = self._holdout_scores(holdout_u8)
+            holdout_scores = self._holdout_scores(holdout)
             holdout_mean = float(holdout_scores.mean())
             if progress is not None:
                 progress(self._progress(step, total_steps, epoch, loss, start, holdout_mean))
@@ -275,14 +337,7 @@ class AnomalyMethod:
                 break
 
         self.net.load_state_dict(best_state)
-        self.finish_training(holdout_u8)
-        self._calibrate(self._holdout_scores(holdout_u8))
-        self.training_info = {
-            "seconds": round(time.perf_counter() - start, 3), "steps": step, "epochs_run": epoch,
-            "best_epoch": best_epoch, "stopped_early": stopped, "n_train": len(train_u8),
-            "n_holdout": len(holdout_u8), "device": self.device.type, "dataset": str(dataset.root),
-        }
-        return self
+        return step, epoch, best_epoch, stopped
 
     def _progress(self, step, total_steps, epoch, loss, start, holdout_score=None) -> TrainProgress:
         elapsed = time.perf_counter() - start
@@ -328,7 +383,7 @@ class AnomalyMethod:
 
     @classmethod
     def _from_payload(cls, payload: dict, device: str) -> "AnomalyMethod":
-        method = cls(**{**payload["config"], "device": device})
+        method = cls(**{**cls.Config.legacy_defaults, **payload["config"], "device": device})
         # The saved state holds the teacher too, so rebuild without fetching weights and load them all.
         method._build(teacher_weights="none")
         try:
@@ -343,6 +398,17 @@ class AnomalyMethod:
         method.training_info = payload.get("training", {})
         method.net.eval()
         return method
+
+
+def to_image_frame(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """N×S×S maps of letterboxed inputs → the maps of each picture alone, stretched back to S×S (bilinear)."""
+    size = maps.shape[-1]
+    out = maps.clone()
+    for i, (top, left, height, width) in enumerate(boxes.tolist()):
+        if (height, width) != (size, size):
+            crop = maps[i, top:top + height, left:left + width][None, None]
+            out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return out
 
 
 def load(path: str | Path, device: str = "auto") -> AnomalyMethod:

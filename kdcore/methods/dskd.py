@@ -75,12 +75,14 @@ def dskd_anomaly_map(forward_map: torch.Tensor, reverse_map: torch.Tensor) -> to
 
 
 class DSKDNetwork(nn.Module):
-    def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int):
+    def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
+                 linear_heads: bool = True):
         super().__init__()
         self.teacher = teacher
         self.forward_student = create_feature_net(teacher.name, teacher.strides)
         self.embedding = DFEmbedding(teacher.channels, bottleneck_blocks)
-        self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks)
+        self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks,
+                                              linear_heads)
         self.blur = GaussianBlur(sigma=4.0)
         self.size = size
 

@@ -12,6 +12,12 @@ Network (built from the backbone's ``feature_info``, so EfficientNet-Lite0 and R
   ResNets and suit the small channel counts of EfficientNet-Lite0.
 - Decoder: per level, from deep to shallow, a stride-2 transposed convolution to that level's channels then
   ``decoder_blocks`` basic blocks; its outputs align with the teacher's levels.
+- Departure, ``linear_heads=True`` (default): each level's output is a 1×1 convolution (linear, with bias) of
+  the decoder stage, which still feeds the next stage through its ReLU. The paper's decoder ends every level
+  in ReLU, which suits a ResNet teacher (its block outputs are post-ReLU); EfficientNet-Lite0's block outputs
+  are signed (47-48 % negative at strides 4/8/16), so a non-negative student cannot reach cosine 1 anywhere
+  and the loss floor (about 0.82) varies with content, which becomes noise in every map. ``False`` is the
+  paper's decoder (and how models saved before this existed load).
 
 Loss: ``sum_levels mean_batch [1 - cos(flatten(teacher_l), flatten(student_l))]``, i.e. the cosine of each
 sample's whole flattened map, as in the official code. The paper writes a per-pixel cosine averaged over
@@ -25,6 +31,7 @@ Optimiser: Adam, lr 0.005, betas (0.5, 0.999) as in the paper and code (anomalib
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -98,21 +105,26 @@ class DecoderStage(nn.Module):
 
 
 class ReverseDecoder(nn.Module):
-    """Decoder student mirroring the encoder: returns features shallow-to-deep, like the teacher's."""
+    """Decoder student mirroring the encoder: returns features shallow-to-deep, like the teacher's.
 
-    def __init__(self, channels: tuple[int, ...], in_channels: int, blocks: int = 2):
+    Each stage ends in ReLU and feeds the next stage; what is compared with the teacher is a linear 1×1
+    projection of it (``heads``), so the student can produce signed features (see the module notes).
+    """
+
+    def __init__(self, channels: tuple[int, ...], in_channels: int, blocks: int = 2, linear_heads: bool = True):
         super().__init__()
         stages, previous = [], in_channels
         for level_channels in reversed(channels):
             stages.append(DecoderStage(previous, level_channels, blocks))
             previous = level_channels
         self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList([nn.Conv2d(c, c, 1) if linear_heads else nn.Identity() for c in reversed(channels)])
 
     def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
         outputs, x = [], embedding
-        for stage in self.stages:
+        for stage, head in zip(self.stages, self.heads):
             x = stage(x)
-            outputs.append(x)
+            outputs.append(head(x))
         return outputs[::-1]
 
 
@@ -127,11 +139,12 @@ def rd_loss(teacher_features, student_features) -> torch.Tensor:
 
 
 class RDNetwork(nn.Module):
-    def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int):
+    def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
+                 linear_heads: bool = True):
         super().__init__()
         self.teacher = teacher
         self.bottleneck = OCBE(teacher.channels, bottleneck_blocks)
-        self.decoder = ReverseDecoder(teacher.channels, self.bottleneck.out_channels, decoder_blocks)
+        self.decoder = ReverseDecoder(teacher.channels, self.bottleneck.out_channels, decoder_blocks, linear_heads)
         self.blur = GaussianBlur(sigma=4.0)
         self.size = size
 
@@ -155,6 +168,9 @@ class RDConfig(MethodConfig):
     betas: tuple[float, float] = (0.5, 0.999)
     bottleneck_blocks: int = 2
     decoder_blocks: int = 2
+    # A linear 1×1 output per decoder level (module notes); models saved before it existed have none.
+    linear_heads: bool = True
+    legacy_defaults: ClassVar[dict] = {**MethodConfig.legacy_defaults, "linear_heads": False}
 
     def validate(self) -> None:
         super().validate()
@@ -177,7 +193,7 @@ class ReverseDistillation(AnomalyMethod):
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
-        return self.network_class(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
+        return self.network_class(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         trainable = [p for p in self.net.parameters() if p.requires_grad]  # the teacher is frozen

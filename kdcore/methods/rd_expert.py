@@ -97,10 +97,11 @@ class GuidedSkipFusion(nn.Module):
 class SkipStudent(nn.Module):
     """RD student (OCBE + reverse decoder) with guided skips from the teacher into the two shallower stages."""
 
-    def __init__(self, channels: tuple[int, int, int], bottleneck_blocks: int, decoder_blocks: int):
+    def __init__(self, channels: tuple[int, int, int], bottleneck_blocks: int, decoder_blocks: int,
+                 linear_heads: bool = True):
         super().__init__()
         self.bottleneck = OCBE(channels, bottleneck_blocks)
-        self.decoder = ReverseDecoder(channels, self.bottleneck.out_channels, decoder_blocks)
+        self.decoder = ReverseDecoder(channels, self.bottleneck.out_channels, decoder_blocks, linear_heads)
         # Fusion i follows decoder stage i, which outputs teacher level 2 - i.
         self.fusions = nn.ModuleList([GuidedSkipFusion(channels[1], channels[2]),
                                       GuidedSkipFusion(channels[0], channels[1])])
@@ -108,9 +109,9 @@ class SkipStudent(nn.Module):
     def forward(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         x = self.bottleneck(teacher_features)
         outputs = []
-        for depth, stage in enumerate(self.decoder.stages):
+        for depth, (stage, head) in enumerate(zip(self.decoder.stages, self.decoder.heads)):
             x = stage(x)
-            outputs.append(x)
+            outputs.append(head(x))
             if depth < len(self.fusions):
                 level = len(teacher_features) - 1 - depth
                 x = self.fusions[depth](x, teacher_features[level], teacher_features[level - 1])
@@ -118,14 +119,15 @@ class SkipStudent(nn.Module):
 
 
 class RDExpertNetwork(nn.Module):
-    def __init__(self, expert: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int):
+    def __init__(self, expert: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
+                 linear_heads: bool = True):
         super().__init__()
         if len(expert.channels) != 3:
             raise ValueError(f"rd_expert needs exactly three teacher levels, got {len(expert.channels)}")
         self.expert = expert
         # A Backbone copy keeps Backbone.train(), which holds BatchNorm in eval mode: see the module notes.
         self.teacher = copy.deepcopy(expert).requires_grad_(True)
-        self.student = SkipStudent(expert.channels, bottleneck_blocks, decoder_blocks)
+        self.student = SkipStudent(expert.channels, bottleneck_blocks, decoder_blocks, linear_heads)
         self.blur = GaussianBlur(sigma=4.0)
         self.size = size
 
@@ -186,7 +188,7 @@ class RDExpert(AnomalyMethod):
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
-        return RDExpertNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks)
+        return RDExpertNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         c = self.config

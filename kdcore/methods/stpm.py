@@ -13,6 +13,7 @@ Choices where the paper and its official code (gdwang08/STFPM) differ:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,16 +43,25 @@ class STPMNetwork(nn.Module):
         return fuse_levels(self.level_distances(x), self.size, mode="product")
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass
 class STPMConfig(MethodConfig):
+    """``optimizer="sgd"`` with lr 0.4, momentum 0.9, weight decay 1e-4 is the paper's ResNet-18 recipe."""
+
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-5
+    legacy_defaults: ClassVar[dict] = {**MethodConfig.legacy_defaults, "optimizer": "sgd"}
 
     def validate(self) -> None:
         super().validate()
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
 
@@ -67,4 +77,7 @@ class STPM(AnomalyMethod):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         c = self.config
-        return [torch.optim.SGD(self.net.student.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)]
+        if c.optimizer == "sgd":
+            return [torch.optim.SGD(self.net.student.parameters(), lr=c.lr, momentum=c.momentum,
+                                    weight_decay=c.weight_decay)]
+        return [torch.optim.Adam(self.net.student.parameters(), lr=c.lr, weight_decay=c.weight_decay)]
