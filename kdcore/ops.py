@@ -43,6 +43,11 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def position_mean(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-pixel mean H×W of N×H×W maps, Gaussian-smoothed (σ in pixels) so a small sample gives a stable estimate."""
+    return GaussianBlur(sigma)(maps.float().mean(dim=0)[None, None])[0, 0]
+
+
 class GaussianBlur(nn.Module):
     """Gaussian smoothing of N×1×H×W maps as two fixed 1-D convolutions.
 

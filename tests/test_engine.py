@@ -226,3 +226,28 @@ def test_gaussian_blur_matches_scipy():
     ours = GaussianBlur(4.0)(torch.from_numpy(maps)).numpy()
     expected = np.stack([gaussian_filter(m[0], sigma=4, mode="nearest", truncate=4.0) for m in maps])[:, None]
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_position_normalization_centres_the_holdout_maps(fitted, dataset, tmp_path):
+    method = fitted["stpm"]
+    assert method.config.map_normalization == "position" and method.map_offset.shape == (64, 64)
+    holdout_maps, _ = method.predict(method.preprocess_paths(dataset.holdout))
+    # Hold-out maps minus their own smoothed per-position mean, over their global std.
+    assert abs(holdout_maps.mean()) < 0.1 and holdout_maps.std() == pytest.approx(1.0, abs=0.1)
+    x = method.preprocess_paths([s.path for s in dataset.test[:2]])
+    normalized, _ = method.predict(x)
+    offset, scale = method.map_offset, method.map_scale
+    method.map_offset = None
+    try:
+        raw, _ = method.predict(x)
+    finally:
+        method.map_offset = offset
+    np.testing.assert_allclose(normalized, (raw - offset.numpy()) / scale, rtol=1e-5, atol=1e-5)
+    loaded = kdcore.load(method.save(tmp_path / "stpm.pt"))
+    np.testing.assert_array_equal(loaded.predict(x)[0], normalized)
+
+
+def test_epochs_default_per_device():
+    method = kdcore.create_method("rd", device="cpu")
+    assert method.config.epochs == type(method).default_epochs["cpu"]
+    assert kdcore.create_method("rd", epochs=3).config.epochs == 3

@@ -121,4 +121,5 @@ class DSKD(ReverseDistillation):
     name = "dskd"
     summary = "DSKD-style (2024): forward and reverse students interacting through a deep-feature embedding"
     Config = DSKDConfig
+    default_epochs = {"cpu": 12, "cuda": 100}
     network_class = DSKDNetwork

@@ -162,7 +162,6 @@ class RDNetwork(nn.Module):
 
 @dataclass
 class RDConfig(MethodConfig):
-    epochs: int = 20
     batch_size: int = 16
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
@@ -188,6 +187,7 @@ class ReverseDistillation(AnomalyMethod):
     name = "rd"
     summary = "Reverse Distillation (CVPR 2022): decoder student behind a one-class bottleneck"
     Config = RDConfig
+    default_epochs = {"cpu": 20, "cuda": 200}  # the paper's 200 epochs where a GPU makes them affordable
     # Variants with another student network around the same teacher (DSKD) override this.
     network_class: type[nn.Module] = RDNetwork
 

@@ -50,7 +50,6 @@ OPTIMIZERS = ("adam", "sgd")
 class STPMConfig(MethodConfig):
     """``optimizer="sgd"`` with lr 0.4, momentum 0.9, weight decay 1e-4 is the paper's ResNet-18 recipe."""
 
-    epochs: int = 20
     batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -71,6 +70,7 @@ class STPM(AnomalyMethod):
     name = "stpm"
     summary = "STPM (BMVC 2021): student mirrors the teacher's feature pyramid"
     Config = STPMConfig
+    default_epochs = {"cpu": 12, "cuda": 100}  # 100: the official code's default
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         return STPMNetwork(backbone, self.config.size)

@@ -68,11 +68,11 @@ class TeacherKNNNetwork(nn.Module):
 class TeacherKNNConfig(MethodConfig):
     """``epochs`` and ``batch_size`` are not used: there is nothing to train."""
 
-    epochs: int = 1
     strides: tuple[int, ...] = (8, 16)
     bank_size: int = 20000
     bank_images: int = 200
     sigma: float = 4.0
+    map_normalization: str = "none"  # the reference is the plain nearest-neighbour distance
 
     def validate(self) -> None:
         super().validate()

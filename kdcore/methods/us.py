@@ -90,7 +90,7 @@ from torch import nn
 
 from kdcore.backbones import Backbone
 from kdcore.methods.base import AnomalyMethod, MethodConfig
-from kdcore.ops import GaussianBlur, upsample
+from kdcore.ops import position_mean, upsample
 from kdcore.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -361,9 +361,8 @@ def standardization(values: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "global":
         mean, std = global_mean.expand(values.shape[1:]), global_std.expand(values.shape[1:])
     else:
-        blur = GaussianBlur(POSITION_SIGMA)
-        mean = blur(values.mean(dim=0)[None, None].float()).double()[0, 0]
-        second = blur(values.pow(2).mean(dim=0)[None, None].float()).double()[0, 0]
+        mean = position_mean(values, POSITION_SIGMA).double()
+        second = position_mean(values.pow(2), POSITION_SIGMA).double()
         std = (second - mean.pow(2)).clamp_min(0).sqrt().clamp_min(POSITION_MIN_STD * global_std)
     return torch.stack([mean, std]).float()
 
@@ -407,6 +406,7 @@ class USConfig(MethodConfig):
     metric_weight: float = 1.0
     triplet_margin: float = 1.0
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
+    map_normalization: str = "none"  # the z-scores above already are per position
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
