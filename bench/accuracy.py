@@ -1,10 +1,14 @@
 """Train and evaluate methods on one dataset with the one evaluator; write a markdown table and a JSON file.
 
     python -m bench.accuracy --data ../shared/data/magnetic_tile [--methods stpm rd] [--size 256]
-        [--epochs 20 | --epochs stpm=20 rd=40] [--batch-size 16] [--seed 0] [--out bench/results]
+        [--epochs 20 | --epochs stpm=20 rd=40] [--batch-size 16] [--seed 0] [--out bench/results] [--trace]
 
 Each method runs in its own process so that its peak memory (max RSS) is its own. Rows of other methods from
-an earlier run with the same seed, size and data are kept in the table.
+an earlier run with the same seed, size and data are kept in the table. The reference ``teacher_knn`` (the
+teacher's features, no student) runs too unless the table has its row: every method's AUROCs and AU-PRO are
+shown with their gain over it, F1-max beside the F1 of calling everything defective, and a second table gives
+the image AUROC per defect type. ``--trace`` prints the test metrics after every epoch, to diagnose budgets and
+the epoch selection; it never selects anything.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ st.title("Train")
 
 
 def method_defaults(name: str) -> dict:
-    """Defaults of a method's Config dataclass, e.g. {'epochs': 20, 'batch_size': 16, 'size': 256, ...}."""
+    """Defaults of a method's Config dataclass, e.g. {'epochs': None, 'batch_size': 16, 'size': 256, ...}."""
     return {f.name: f.default for f in dataclasses.fields(get_method_class(name).Config)}
 
 
@@ -70,9 +70,14 @@ def per_method_settings(methods: list[str]) -> dict[str, dict]:
         defaults = method_defaults(name)
         label, epochs_col, batch_col = st.columns([2, 1, 1], vertical_alignment="bottom")
         label.markdown(f"**{name}**")
-        epochs = epochs_col.number_input("Epochs", min_value=1, value=defaults["epochs"], key=f"epochs_{name}")
-        batch = batch_col.number_input("Batch size", min_value=1, value=defaults["batch_size"], key=f"batch_{name}")
-        settings[name] = {"epochs": int(epochs), "batch_size": int(batch)}
+        # Empty means the method's own default: per device for epochs, a preset's value for US.
+        by_device = get_method_class(name).default_epochs
+        epochs = epochs_col.number_input("Epochs", min_value=1, value=defaults["epochs"], key=f"epochs_{name}",
+                                         placeholder=f"auto: {by_device['cpu']} CPU, {by_device['cuda']} GPU")
+        batch = batch_col.number_input("Batch size", min_value=1, value=defaults["batch_size"], key=f"batch_{name}",
+                                       placeholder="auto")
+        settings[name] = {key: int(value) for key, value in (("epochs", epochs), ("batch_size", batch))
+                          if value is not None}
     return settings
 
 

@@ -129,7 +129,8 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     dataset = dataset_with_images(store)
     at = open_page("pages/train.py")
     by_label(at.multiselect, "Methods").set_value(["stpm", "rd"]).run()
-    assert at.number_input(key="epochs_stpm").value == 20  # the method's own default
+    # Empty: the method's own per-device default, named in the placeholder.
+    assert at.number_input(key="epochs_stpm").value is None
     by_label(at.select_slider, "Image size (pixels, square)").set_value(64)
     at.number_input(key="epochs_stpm").set_value(1)
     by_label(at.button, "Train").click().run()
@@ -138,6 +139,7 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert set(jobs) == {"stpm", "rd"} and all(job.status == QUEUED for job in jobs.values())
     assert jobs["stpm"].params == {"size": 64, "backbone": "tf_efficientnet_lite0", "weights": "default",
                                    "device": "auto", "seed": 0, "epochs": 1, "batch_size": 16}
+    assert "epochs" not in jobs["rd"].params  # left empty: the worker's device decides
     assert jobs["stpm"].dataset_id == dataset.id
     assert "Queued 2 job(s)" in texts(at.success)
     assert "Waiting for the worker" in texts(at.caption)
