@@ -52,13 +52,16 @@ def top_operators(fn, device: torch.device, rows: int = 8) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=40)
 
 
-def prepare_for_timing(method) -> Callable[[torch.Tensor], float]:
-    """Build an untrained method so that ``predict`` and training steps can be timed; returns the step."""
+def prepare_for_timing(method) -> Callable[[torch.Tensor], float] | None:
+    """Build an untrained method so that ``predict`` and training steps can be timed; returns the step (None for
+    a method with nothing to train, such as ``teacher_knn``)."""
     size = method.config.size
     method._build(method.config.weights)
     method.setup_training(torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8))
     # predict() refuses unfitted models; a placeholder calibration is enough to time the network.
     method.calibration = {"placeholder": True}
+    if not method.trains:
+        return None
     optimizers = method.configure_optimizers()
 
     def step(x: torch.Tensor) -> float:
@@ -82,15 +85,16 @@ def measure(name: str, size: int, device: str, repeats: int, profile: bool = Fal
 
     # Training steps first: they give BatchNorm running statistics, without which an untrained student's
     # activations drift into denormal floats and inference times measure the CPU's denormal penalty instead.
-    step = _median_seconds(train_step, repeats, dev)
+    step = _median_seconds(train_step, repeats, dev) if step_on is not None else None
     throughput = 32 / _median_seconds(lambda: method.predict(batch32, 32), repeats, dev)
     latency = _median_seconds(lambda: method.predict(batch1, 1), repeats, dev)
     if profile:
         print(f"\n{name} on {dev.type}, inference at batch 32:\n" + top_operators(lambda: method.predict(batch32, 32), dev))
-        print(f"{name} on {dev.type}, training step at batch {method.config.batch_size}:\n" +
-              top_operators(train_step, dev), flush=True)
+        if step_on is not None:
+            print(f"{name} on {dev.type}, training step at batch {method.config.batch_size}:\n" +
+                  top_operators(train_step, dev), flush=True)
     return {"method": name, "device": dev.type, "size": size, "images_per_second_b32": round(throughput, 2),
-            "latency_ms_b1": round(latency * 1000, 1), "train_step_seconds": round(step, 3),
+            "latency_ms_b1": round(latency * 1000, 1), "train_step_seconds": None if step is None else round(step, 3),
             "train_batch_size": method.config.batch_size, "threads": torch.get_num_threads()}
 
 
