@@ -51,10 +51,12 @@ def _student_map(teacher_features, student_features, blur):
 
 def test_map_is_mean_of_both_students_maps(fitted, test_inputs):
     net, blur = fitted.net, GaussianBlur(sigma=4.0)
-    maps, _ = fitted.predict(test_inputs)
+    normalized, _ = fitted.predict(test_inputs)
+    maps = normalized * fitted.map_scale + fitted.map_offset.numpy()  # the network's own map (square images)
+    images = test_inputs.images
     with torch.inference_mode(), fitted._autocast():
-        teacher = net.teacher(test_inputs)
-        forward = net.forward_student(test_inputs)
+        teacher = net.teacher(images)
+        forward = net.forward_student(images)
         reverse = net.reverse_student(net.embedding(teacher, forward[-1]))
         forward_map = _student_map(teacher, forward, blur)[:, 0].numpy()
         reverse_map = _student_map(teacher, reverse, blur)[:, 0].numpy()
