@@ -53,20 +53,21 @@ def _inference_rate(method, paths, batch_size: int = 32, repeats: int = 3) -> fl
 def _epoch_reporter(method, dataset, trace: bool):
     """Progress callback printing each epoch's loss and hold-out score; with ``trace`` also the test metrics
     of that epoch's network. The trace is a diagnosis of the selection rule and the budget: it never selects."""
-    test_input = None
+    test = None  # (input, labels, masks), read at the first epoch's end and reused
 
     def report(p: kdcore.TrainProgress) -> None:
-        nonlocal test_input
+        nonlocal test
         if p.holdout_score is None:  # only the report that ends an epoch
             return
         line = f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4g}, hold-out mean score {p.holdout_score:.4g}, " \
                f"{p.elapsed_seconds:.0f} s"
         if trace:
-            if test_input is None:
-                test_input = method.preprocess_paths([s.path for s in dataset.test])
+            if test is None:
+                test = (method.preprocess_paths([s.path for s in dataset.test]),
+                        np.array([s.label for s in dataset.test]), test_masks(dataset, method.config.size))
+            test_input, labels, masks = test
             maps, scores = method._predict(test_input, 32)
-            labels = np.array([s.label for s in dataset.test])
-            result = metrics.evaluate(labels, scores, test_masks(dataset, method.config.size), maps)
+            result = metrics.evaluate(labels, scores, masks, maps)
             line += f" | test image AUROC {result['image_auroc']:.3f}, pixel AUROC {result['pixel_auroc'] or 0:.3f}"
         print(line, file=sys.stderr, flush=True)
     return report

@@ -256,7 +256,8 @@ class AnomalyMethod:
 
     # ----------------------------------------------------------------- prediction
     def predict(self, x: ModelInput | torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Raw anomaly maps N×S×S in the image frame (float32) and image scores N (max of each map).
+        """Anomaly maps N×S×S in the image frame (float32; hold-out normalised per ``map_normalization``) and
+        image scores N (max of each map).
 
         A bare tensor is taken as pictures that fill their squares.
         """
@@ -312,8 +313,7 @@ class AnomalyMethod:
         else:
             step, epoch, best_epoch, stopped = 0, 0, 0, False
         self.finish_training(holdout.images)
-        self._fit_map_normalization(holdout.images)
-        self._calibrate(self._holdout_scores(holdout))
+        self._calibrate(self._fit_map_normalization(holdout))
         self.training_info = {
             "seconds": round(time.perf_counter() - start, 3), "steps": step, "epochs_run": epoch,
             "best_epoch": best_epoch, "stopped_early": stopped, "n_train": len(train_u8),
@@ -366,13 +366,15 @@ class AnomalyMethod:
         return TrainProgress(step, total_steps, epoch, self.config.epochs, loss, elapsed, eta, holdout_score)
 
     # ----------------------------------------------------------------- calibration
-    def _fit_map_normalization(self, holdout_u8: torch.Tensor) -> None:
+    def _fit_map_normalization(self, holdout: ModelInput) -> np.ndarray:
+        """Fit ``map_offset``/``map_scale`` on the hold-out's maps; returns its image scores under them."""
         self.map_offset, self.map_scale = None, 1.0
-        if self.config.map_normalization == "none":
-            return
-        maps = torch.cat([self._maps(self._normalize(chunk), 32) for chunk in holdout_u8.split(32)])
-        self.map_offset = position_mean(maps, POSITION_SIGMA)
-        self.map_scale = max(float((maps - self.map_offset).std()), 1e-12)
+        maps = torch.cat([self._maps(self._normalize(chunk), 32) for chunk in holdout.images.split(32)])
+        if self.config.map_normalization == "position":
+            self.map_offset = position_mean(maps, POSITION_SIGMA)
+            self.map_scale = max(float((maps - self.map_offset).std()), 1e-12)
+            maps = (maps - self.map_offset) / self.map_scale
+        return to_image_frame(maps, holdout.boxes).amax(dim=(1, 2)).numpy()
 
     def _calibrate(self, holdout_scores: np.ndarray) -> None:
         self.calibration = calibration.summarize_scores(holdout_scores)
