@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from kdcore.metrics import _labels_and_scores, f1_max
+# Score-to-display normalisation lives with the rendering (an export bundle carries that file); kept
+# importable from here, where the threshold code that feeds it is.
+from kdcore.visualize import normalize  # noqa: F401
 
 __all__ = [
     "QUANTILES",
@@ -84,29 +87,6 @@ def threshold_f1_optimal(labels, scores) -> float:
     if n_defective == labels.size:
         raise ValueError("F1-optimal threshold needs labelled normal images")
     return f1_max(labels, scores)[1]
-
-
-def normalize(scores_or_map, threshold: float, min_score: float, max_score: float):
-    """Map scores into [0, 1] with ``threshold`` at 0.5 (anomalib's min-max scheme):
-    ``clip((s - threshold) / (max_score - min_score) + 0.5, 0, 1)``.
-
-    Returns a numpy array of the input's shape (a numpy scalar for a scalar input),
-    keeping a floating input dtype (float32 maps stay float32). If
-    ``max_score == min_score`` the result is a step: 1 above the threshold, 0 below,
-    0.5 at it. Normalised values > 0.5 match ``s > threshold`` except for scores
-    closer to the threshold than the output's float precision.
-    """
-    if max_score < min_score:
-        raise ValueError(f"max_score {max_score} is below min_score {min_score}")
-    values = np.asarray(scores_or_map)
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float64)
-    span = max_score - min_score
-    if span == 0:
-        normalized = (np.sign(values - threshold) + 1) / 2
-    else:
-        normalized = np.clip((values - threshold) / span + 0.5, 0.0, 1.0)
-    return normalized.astype(values.dtype, copy=False)[()]
 
 
 def false_positive_rate(normal_scores, threshold: float) -> float:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m kdcore train|evaluate|predict|methods``.
+"""Command line: ``python -m kdcore train|evaluate|predict|export|methods``.
 
 Errors the user can act on (bad data, bad parameters, missing files) print one line and exit with status 2.
 """
@@ -90,9 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, device: str):
+def _load_model(args: argparse.Namespace):
     from kdcore.methods.base import load
-    return load(path, device=device)
+    method = load(args.model, device=args.device)
+    method.config.precision = args.precision
+    return method
 
 
 def _format_metric(value) -> str:
@@ -100,7 +102,7 @@ def _format_metric(value) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    method = _load_model(args.model, args.device)
+    method = _load_model(args)
     dataset = data.load_dataset(args.data)
     with tqdm(total=len(dataset.test), unit="img", disable=args.quiet) as bar:
         result = evaluate_model(method, dataset, on_chunk=lambda done: bar.update(done - bar.n))
@@ -143,7 +145,7 @@ def _readable(paths: list[Path]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    method = _load_model(args.model, args.device)
+    method = _load_model(args)
     paths = _readable(_expand_paths(args.paths))
     if not paths:
         raise UsageError("no readable images among the given paths")
@@ -173,6 +175,14 @@ def _write_heatmaps(method, paths: list[Path], maps: np.ndarray, folder: Path) -
         shown = calibration.normalize(anomaly_map, method.threshold["value"], cal["min"], cal["max"])
         image = data.read_image(path, method.config.size)
         Image.fromarray(visualize.overlay(image, shown)).save(folder / f"{path.stem}_heatmap.png")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdcore.export import export_bundle
+
+    out = export_bundle(args.model, args.out, format=args.format, batch=args.batch)
+    print(f"wrote {out} (check it with: python {out / 'predict.py'} --check)")
+    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -215,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     predict.set_defaults(run=cmd_predict)
 
+    export = sub.add_parser("export", help="write a bundle that runs a model with onnxruntime alone")
+    export.add_argument("model", help="saved model file")
+    export.add_argument("--out", required=True, help="new (or empty) folder for the bundle")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    export.add_argument("--batch", type=int, help="fixed batch size of the graph (default: any)")
+    export.set_defaults(run=cmd_export)
+
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.set_defaults(run=cmd_methods)
 
@@ -224,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (train, evaluate, predict):
         command.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in (evaluate, predict):
+        command.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                             help="auto: bfloat16 where the hardware has it natively; fp32: never")
     return parser
 
 

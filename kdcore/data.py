@@ -33,7 +33,10 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from kdcore.imaging import (RESIZE_MODES, DataError, _check_size, content_box,  # noqa: F401 - re-exported
+                            open_upright, prepare_model_input, read_model_input, to_8bit)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -69,10 +72,6 @@ _MASK_SUFFIX = "_mask"
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5-8 rotate by 90 degrees, so width and height swap.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-
-
-class DataError(ValueError):
-    """Bad dataset: the message always names the offending path."""
 
 
 @dataclass(frozen=True)
@@ -363,11 +362,6 @@ def _wxh(size: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------------
 
 
-#: How an image becomes a square: "stretch" squashes it (the aspect ratio is lost); "letterbox" scales its
-#: longer side to the square and fills the rest by repeating the edge pixels, so shapes keep their proportions.
-RESIZE_MODES = ("stretch", "letterbox")
-
-
 def read_image(path: PathArg, size: int) -> np.ndarray:
     """Read any Pillow-readable image as ``uint8`` RGB of shape (size, size, 3).
 
@@ -380,43 +374,9 @@ def read_image(path: PathArg, size: int) -> np.ndarray:
     return read_model_input(path, size, "stretch")[0]
 
 
-def read_model_input(path: PathArg, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """``prepare_model_input`` of the file at ``path``."""
-    img = _open(path)
-    try:
-        return prepare_model_input(img, size, resize)
-    finally:
-        img.close()
-
-
-def content_box(width: int, height: int, size: int, resize: str) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a width×height picture inside the size×size square ``resize`` makes."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if resize == "stretch":
-        return 0, 0, size, size
-    scale = size / max(width, height)
-    box_w = min(size, max(1, round(width * scale)))
-    box_h = min(size, max(1, round(height * scale)))
-    return (size - box_h) // 2, (size - box_w) // 2, box_h, box_w
-
-
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     """An already opened image (any mode and size) as ``uint8`` RGB of shape (size, size, 3), as ``read_image``."""
     return prepare_model_input(img, size, "stretch")[0]
-
-
-def prepare_model_input(img: Image.Image, size: int, resize: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """An opened image as a model sees it: (size, size, 3) ``uint8`` RGB made by ``resize`` (``RESIZE_MODES``),
-    and the picture's ``content_box`` in it. Letterbox margins repeat the edge pixels: a constant border
-    would be an edge the networks respond to, at a place that moves with the aspect ratio."""
-    size = _check_size(size)
-    top, left, box_h, box_w = box = content_box(img.width, img.height, size, resize)
-    small = np.asarray(to_8bit(img).resize((box_w, box_h), Image.Resampling.BILINEAR).convert("RGB"),
-                       dtype=np.uint8)
-    if (box_h, box_w) != (size, size):
-        small = np.pad(small, ((top, size - top - box_h), (left, size - left - box_w), (0, 0)), mode="edge")
-    return small, box
 
 
 def read_images(paths: Iterable[PathArg], size: int) -> np.ndarray:
@@ -443,60 +403,12 @@ def read_mask(path: PathArg, size: int) -> np.ndarray:
     into values that a threshold then moves).
     """
     size = _check_size(size)
-    img = _open(path)
+    img = open_upright(path)
     try:
         binary = Image.fromarray(_mask_values(img) > 0).convert("L")
         return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST)) > 0
     finally:
         img.close()
-
-
-def _check_size(size: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    return int(size)
-
-
-def _open(path: PathArg) -> Image.Image:
-    """Open and decode ``path``, upright as displayed (EXIF orientation applied)."""
-    path = Path(path)
-    img = None
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as err:  # noqa: BLE001 - see probe_image
-        if img is not None:
-            img.close()  # don't leak the file handle of a half-read image
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-    upright = ImageOps.exif_transpose(img)
-    if upright is not img:
-        img.close()
-    return upright
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """Convert to mode 'L' or 'RGB' (8 bits per channel), keeping gray as gray.
-
-    Gray stays single-channel until after resizing: three times less work, same result.
-    """
-    mode = img.mode
-    if mode in ("L", "RGB"):
-        return img
-    if mode.startswith("I;16") or mode == "I":
-        # Pillow's own convert clips 16-bit values at 255 (a white image). "I" is how
-        # Pillow has opened 16-bit grayscale, so it is scaled as 16-bit too.
-        values = np.asarray(img).astype(np.float64)
-        return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8))
-    if mode == "F":
-        # No bit depth to go by: take values as 0-255 intensities, as Pillow does.
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        return Image.fromarray(np.round(np.clip(values, 0, 255)).astype(np.uint8))
-    if mode in ("1", "LA", "La"):
-        return img.convert("L")
-    if mode in ("P", "PA"):
-        # Via RGBA so palette transparency is resolved rather than warned about.
-        return img.convert("RGBA").convert("RGB")
-    return img.convert("RGB")  # RGBA, RGBX, CMYK, YCbCr, ...
 
 
 def _mask_values(img: Image.Image) -> np.ndarray:

@@ -35,6 +35,36 @@ def fuse_levels(level_maps: list[torch.Tensor], size: int, mode: str, align_corn
     return fused
 
 
+def crop_resize_weights(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
+    """N×size×size matrices ``W`` such that ``W @ v`` resizes ``v[start:start + length]`` to ``size`` rows as
+    bilinear interpolation with align_corners=False does (``F.interpolate``'s source index and weights).
+
+    Crop-and-resize as a matrix product needs no data-dependent slicing, so the same code runs in torch and in
+    an exported ONNX graph, whatever the box of each image in the batch.
+    """
+    length = length.to(torch.float32)[:, None]
+    scale = length / size
+    source = (scale * (torch.arange(size, dtype=torch.float32, device=length.device) + 0.5) - 0.5).clamp_min(0)
+    lower = source.floor()
+    weight_upper = source - lower
+    upper = torch.minimum(lower + 1, length - 1)
+    start = start.to(torch.float32)[:, None, None]
+    columns = torch.arange(size, dtype=torch.float32, device=length.device)[None, None, :]
+    return ((1 - weight_upper)[..., None] * (columns == start + lower[..., None]).float()
+            + weight_upper[..., None] * (columns == start + upper[..., None]).float())
+
+
+def to_image_frame(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """N×S×S maps of letterboxed inputs → the maps of each picture alone, stretched back to S×S (bilinear).
+
+    ``boxes`` is N×4 (top, left, height, width); a full box gives the map back unchanged.
+    """
+    size = maps.shape[-1]
+    rows = crop_resize_weights(boxes[:, 0], boxes[:, 2], size)
+    columns = crop_resize_weights(boxes[:, 1], boxes[:, 3], size)
+    return rows @ maps.float() @ columns.transpose(1, 2)
+
+
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian with anomalib's size ``2 * int(4 * sigma + 0.5) + 1``."""
     radius = int(4 * sigma + 0.5)

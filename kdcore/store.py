@@ -30,6 +30,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -44,7 +45,7 @@ GOOD = "good"
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_STATUSES = (QUEUED, RUNNING)
-TRAIN, EVALUATE = "train", "evaluate"
+TRAIN, EVALUATE, EXPORT = "train", "evaluate", "export"
 # A running job whose worker has not written a heartbeat for this long is considered dead (e.g. a frozen
 # process, or a worker on another machine sharing the directory, where the lock cannot tell).
 STALE_HEARTBEAT_SECONDS = 120.0
@@ -90,11 +91,11 @@ CREATE TABLE IF NOT EXISTS models (
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('train', 'evaluate')),
+    kind TEXT NOT NULL CHECK (kind IN ('train', 'evaluate', 'export')),
     status TEXT NOT NULL,
     dataset_id INTEGER REFERENCES datasets(id) ON DELETE SET NULL,
     dataset_name TEXT NOT NULL,
-    model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,  -- evaluate: its input; train: its result
+    model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,  -- evaluate, export: its input; train: its result
     method TEXT NOT NULL,
     params TEXT NOT NULL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -273,6 +274,36 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
 
 
+# The layout version of kdcore.sqlite3 (SQLite's user_version): 0 is a database written before versions were
+# kept, 1 adds export jobs. A newer database than this code knows is refused rather than misread.
+SCHEMA_VERSION = 1
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database written by an older kdcore to ``SCHEMA_VERSION``, in one transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the data directory's database has layout {version}, newer than this kdcore's "
+                         f"({SCHEMA_VERSION}): update kdcore")
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        jobs_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
+        if "'export'" not in jobs_sql:
+            # SQLite cannot alter a CHECK constraint: copy the table under today's definition (same columns).
+            today = re.search(r"CREATE TABLE IF NOT EXISTS jobs \(.*?\n\);", _SCHEMA, re.S).group(0)
+            conn.execute(today.replace("IF NOT EXISTS jobs", "jobs_migrated"))
+            conn.execute("INSERT INTO jobs_migrated SELECT * FROM jobs")
+            conn.execute("DROP TABLE jobs")
+            conn.execute("ALTER TABLE jobs_migrated RENAME TO jobs")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 # ------------------------------------------------------------------------------------------- the store
 class Store:
     def __init__(self, root: str | Path | None = None):
@@ -280,11 +311,12 @@ class Store:
         for sub in ("datasets", "models", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "kdcore.sqlite3"
-        conn = sqlite3.connect(self.db_path, timeout=30.0)
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         try:
             # WAL is a property of the database file: set once, every later connection uses it.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         finally:
             conn.close()
 
@@ -325,6 +357,10 @@ class Store:
 
     def model_file(self, model: Model) -> Path:
         return self.root / model.path
+
+    def bundle_file(self, model: Model) -> Path:
+        """The model's export bundle as a zip, once an export job has written it."""
+        return self.root / "bundles" / f"model-{model.id}.zip"
 
     def job_log(self, job_id: int) -> Path:
         return self.root / "jobs" / f"{job_id}.log"
@@ -455,14 +491,20 @@ class Store:
         return target.relative_to(folder).as_posix(), rel_mask, thumb.relative_to(folder).as_posix()
 
     # ------------------------------------------------------------------------------- jobs
-    def enqueue_job(self, kind: str, method: str, params: dict, dataset_id: int,
+    def enqueue_job(self, kind: str, method: str, params: dict, dataset_id: int | None,
                     model_id: int | None = None) -> Job:
-        dataset = self.get_dataset(dataset_id)
+        """Queue a job on a dataset; a job on a model (``model_id``) may outlive its dataset (``dataset_id`` None)."""
+        if dataset_id is not None:
+            dataset_name = self.get_dataset(dataset_id).name
+        elif model_id is not None:
+            dataset_name = self.get_model(model_id).dataset_name
+        else:
+            raise StoreError("a job needs a dataset or a model")
         with self._connect() as conn:
             job_id = conn.execute(
                 "INSERT INTO jobs (kind, status, dataset_id, dataset_name, model_id, method, params, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, QUEUED, dataset.id, dataset.name, model_id, method, json.dumps(params), time.time()),
+                (kind, QUEUED, dataset_id, dataset_name, model_id, method, json.dumps(params), time.time()),
             ).lastrowid
         return self.get_job(job_id)
 
@@ -639,6 +681,7 @@ class Store:
                 raise StoreError("an evaluation of this model is queued or running: cancel it first")
             conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
         self.model_file(model).unlink(missing_ok=True)
+        self.bundle_file(model).unlink(missing_ok=True)
         shutil.rmtree(self.root / "maps" / str(model_id), ignore_errors=True)
 
     # ------------------------------------------------------------------------------- review (kdcore.review)

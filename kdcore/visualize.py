@@ -1,4 +1,5 @@
-"""Heatmap rendering with numpy only (no matplotlib): colour lookup table, overlay, threshold contour."""
+"""Heatmap rendering with numpy only (no matplotlib, no torch): score normalisation, colour lookup table,
+overlay, threshold contour. An export bundle carries this file, so keep its imports to numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,3 +35,26 @@ def overlay(image: np.ndarray, normalized_map: np.ndarray, alpha: float = 0.45,
     if outline is not None:
         result[contour(outline)] = outline_color
     return result
+
+
+def normalize(scores_or_map, threshold: float, min_score: float, max_score: float):
+    """Map scores into [0, 1] with ``threshold`` at 0.5 (anomalib's min-max scheme):
+    ``clip((s - threshold) / (max_score - min_score) + 0.5, 0, 1)``.
+
+    Returns a numpy array of the input's shape (a numpy scalar for a scalar input),
+    keeping a floating input dtype (float32 maps stay float32). If
+    ``max_score == min_score`` the result is a step: 1 above the threshold, 0 below,
+    0.5 at it. Normalised values > 0.5 match ``s > threshold`` except for scores
+    closer to the threshold than the output's float precision.
+    """
+    if max_score < min_score:
+        raise ValueError(f"max_score {max_score} is below min_score {min_score}")
+    values = np.asarray(scores_or_map)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    span = max_score - min_score
+    if span == 0:
+        normalized = (np.sign(values - threshold) + 1) / 2
+    else:
+        normalized = np.clip((values - threshold) / span + 0.5, 0.0, 1.0)
+    return normalized.astype(values.dtype, copy=False)[()]

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from kdcore.store import CANCELLED, DONE, FAILED, TRAIN, Job, Store
+from kdcore.store import CANCELLED, DONE, EVALUATE, EXPORT, FAILED, TRAIN, Job, Store
 
 POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
 REPORT_SECONDS = 1.0  # progress is written, and the cancel flag read, at most this often
@@ -76,7 +76,7 @@ def run_job(store: Store, job: Job) -> None:
     heartbeat.start()
     log.info("job %d: %s %s on dataset '%s' with %s", job.id, job.kind, job.method, job.dataset_name, job.params)
     try:
-        (_train if job.kind == TRAIN else _evaluate)(store, job, log)
+        _JOBS[job.kind](store, job, log)
     except BaseException as exc:  # also WorkerStopped/KeyboardInterrupt: record why, then let them end the worker
         log.exception("job %d failed", job.id)
         store.finish_job(job.id, FAILED, _describe(exc))
@@ -147,6 +147,32 @@ def _evaluate(store: Store, job: Job, log: logging.Logger) -> None:
     store.set_model_metrics(model.id, {**metrics, "evaluated_at": time.time(), "job_id": job.id})
     store.finish_job(job.id, DONE, f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images")
     log.info("metrics: %s", metrics)
+
+
+def _export(store: Store, job: Job, log: logging.Logger) -> None:
+    from kdcore.export import export_bundle
+
+    if job.model_id is None:
+        raise ValueError("the model to export was deleted")
+    model = store.get_model(job.model_id)
+    store.report_progress(job.id, stage="exporting to ONNX and checking it with onnxruntime")
+    staging = store.make_tmp_dir(f"job-{job.id}-")
+    try:
+        # The threshold QA saved, which may differ from the one in the model file.
+        folder = export_bundle(store.model_file(model), staging / "bundle", threshold=model.threshold)
+        store.report_progress(job.id, stage="zipping the bundle")
+        archive = shutil.make_archive(str(staging / "bundle"), "zip", root_dir=folder)
+        target = store.bundle_file(model)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(archive, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size_mb = target.stat().st_size / 1e6
+    store.finish_job(job.id, DONE, f"bundle ready ({size_mb:.1f} MB) at threshold {model.threshold['value']:.4g}")
+    log.info("bundle of model %d written to %s", model.id, target)
+
+
+_JOBS = {TRAIN: _train, EVALUATE: _evaluate, EXPORT: _export}
 
 
 def _require_dataset(job: Job) -> int:

@@ -1,8 +1,12 @@
-"""Models: every trained model with its training and hold-out numbers; evaluate one on its test split; delete."""
+"""Models: every trained model with its training and hold-out numbers; evaluate one on its test split; export it
+as a bundle for the line; delete."""
+import json
+import zipfile
+
 import streamlit as st
 
 import ui
-from kdcore.store import EVALUATE, GOOD, Model, StoreError
+from kdcore.store import EVALUATE, EXPORT, GOOD, Model, StoreError
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO",
            "f1_max": "image F1-max",
@@ -87,6 +91,35 @@ def actions(model: Model) -> None:
             st.error(str(exc))
 
 
+def bundle_threshold(model: Model) -> dict | None:
+    """The threshold record inside the model's bundle zip, or None when there is no readable bundle."""
+    try:
+        with zipfile.ZipFile(store.bundle_file(model)) as archive:
+            return json.loads(archive.read("manifest.json"))["threshold"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def deployment(model: Model) -> None:
+    st.markdown("**Deploy**: a bundle that runs this model with onnxruntime alone (no torch), with its "
+                "threshold kept outside the graph, a standalone `predict.py` and a parity check.")
+    exported = bundle_threshold(model)
+    current = model.threshold or {}
+    exporting = any(job.active and job.model_id == model.id for job in store.list_jobs(EXPORT))
+    if exported is not None:
+        if exported.get("value") != current.get("value"):
+            st.warning(f"This bundle holds threshold {exported['value']:.4g}; the model's is now "
+                       f"{current.get('value', float('nan')):.4g}. Prepare it again to ship the new one.")
+        with open(store.bundle_file(model), "rb") as fh:
+            st.download_button("Download bundle", fh, file_name=f"kdcore-model-{model.id}-{model.method}.zip",
+                               mime="application/zip", icon=":material/download:")
+    label = "Prepare the bundle again" if exported is not None else "Prepare bundle"
+    if st.button(label, disabled=exporting, help="Exports to ONNX and checks it against the model (a minute)"):
+        job = store.enqueue_job(EXPORT, model.method, {}, model.dataset_id, model_id=model.id)
+        ui.supervise()
+        st.success(f"Queued export job #{job.id}.")
+
+
 models = store.list_models()
 if not models:
     st.info("No trained models yet.")
@@ -97,6 +130,9 @@ else:
                                                                 f"({ui.when(m.created_at)})")
     details(model)
     actions(model)
+    deployment(model)
 
 st.subheader("Evaluation jobs")
 ui.job_panel(EVALUATE)
+st.subheader("Export jobs")
+ui.job_panel(EXPORT)

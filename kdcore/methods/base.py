@@ -20,13 +20,12 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from kdcore import calibration, data
 from kdcore.backbones import DEFAULT_BACKBONE, Backbone, WeightsInfo
-from kdcore.ops import position_mean
+from kdcore.ops import position_mean, to_image_frame
 
 FORMAT_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
@@ -433,17 +432,6 @@ class AnomalyMethod:
             method.map_offset, method.map_scale = normalization["offset"], float(normalization["scale"])
         method.net.eval()
         return method
-
-
-def to_image_frame(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """N×S×S maps of letterboxed inputs → the maps of each picture alone, stretched back to S×S (bilinear)."""
-    size = maps.shape[-1]
-    out = maps.clone()
-    for i, (top, left, height, width) in enumerate(boxes.tolist()):
-        if (height, width) != (size, size):
-            crop = maps[i, top:top + height, left:left + width][None, None]
-            out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    return out
 
 
 def load(path: str | Path, device: str = "auto") -> AnomalyMethod:

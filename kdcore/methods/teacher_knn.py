@@ -34,8 +34,11 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     """Euclidean distance of each of the M×C ``queries`` to its nearest row of the K×C ``bank``, in float32."""
     bank = bank.float()
     bank_sq = bank.pow(2).sum(1)
+    # An exported graph takes any batch size, which a loop over a data-dependent number of blocks cannot
+    # express; there the runtime holds the whole (positions × bank) distance matrix of a batch at once.
+    blocks = [queries.float()] if torch.compiler.is_exporting() else queries.float().split(QUERY_BLOCK)
     out = []
-    for block in queries.float().split(QUERY_BLOCK):
+    for block in blocks:
         sq = block.pow(2).sum(1, keepdim=True) - 2.0 * block @ bank.T + bank_sq
         out.append(sq.amin(dim=1).clamp_min(0).sqrt())
     return torch.cat(out)
