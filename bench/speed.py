@@ -1,12 +1,14 @@
 """Speed of each method's network at one input size: inference and training step, CPU and (if present) CUDA.
 
-    python -m bench.speed [--methods stpm rd] [--size 256] [--repeats 5] [--out bench/results] [--profile]
+    python -m bench.speed [--methods stpm rd] [--size 256] [--repeats 5] [--out bench/results] [--profile] [--bundle]
 
 Inference is timed from a normalised image tensor to maps and scores (``predict``), at batch 32 (throughput)
 and batch 1 (latency); a training step is one ``training_step`` at the method's batch size. Each figure is
 the median of ``--repeats`` runs after a warm-up. Untrained networks are timed: speed does not depend on weights.
 ``--profile`` adds, per method, the operators that take the most time in one batch-32 inference and one
-training step (``torch.profiler``), to show where the remaining time goes.
+training step (``torch.profiler``), to show where the remaining time goes. ``--bundle`` also exports each method
+as a deployment bundle (``kdcore.export``) and times its ONNX graph with onnxruntime on the CPU, from uint8
+pixels to maps and scores (fp32), beside kdcore's torch path (which uses bfloat16 where the CPU has it).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,7 +75,8 @@ def prepare_for_timing(method) -> Callable[[torch.Tensor], float] | None:
     return step
 
 
-def measure(name: str, size: int, device: str, repeats: int, profile: bool = False) -> dict:
+def measure(name: str, size: int, device: str, repeats: int, profile: bool = False) -> tuple[dict, "kdcore.AnomalyMethod"]:
+    """The timings of one method on one device, and the (untrained) method that was timed."""
     method = kdcore.create_method(name, size=size, device=device, **SPEED_ONLY_PARAMS.get(name, {}))
     step_on = prepare_for_timing(method)
     dev = method.device
@@ -95,7 +99,27 @@ def measure(name: str, size: int, device: str, repeats: int, profile: bool = Fal
                   top_operators(train_step, dev), flush=True)
     return {"method": name, "device": dev.type, "size": size, "images_per_second_b32": round(throughput, 2),
             "latency_ms_b1": round(latency * 1000, 1), "train_step_seconds": None if step is None else round(step, 3),
-            "train_batch_size": method.config.batch_size, "threads": torch.get_num_threads()}
+            "train_batch_size": method.config.batch_size, "threads": torch.get_num_threads()}, method
+
+
+def measure_bundle(method, repeats: int) -> dict:
+    """onnxruntime throughput (batch 32) and latency (batch 1) of the method's exported bundle."""
+    import numpy as np
+    import onnxruntime
+
+    from kdcore.export import export_bundle
+
+    size = method.config.size
+    method.set_threshold(0.0)
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = export_bundle(method.save(Path(folder) / "model.pt"), Path(folder) / "bundle")
+        session = onnxruntime.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+    boxes = np.tile(np.array([[0, 0, size, size]], dtype=np.int64), (32, 1))
+    cpu = torch.device("cpu")
+    throughput = 32 / _median_seconds(lambda: session.run(None, {"image": images, "box": boxes}), repeats, cpu)
+    latency = _median_seconds(lambda: session.run(None, {"image": images[:1], "box": boxes[:1]}), repeats, cpu)
+    return {"onnx_images_per_second_b32": round(throughput, 2), "onnx_latency_ms_b1": round(latency * 1000, 1)}
 
 
 def main(argv=None) -> int:
@@ -105,16 +129,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--profile", action="store_true", help="print the costliest operators per method")
+    parser.add_argument("--bundle", action="store_true", help="also time each method's ONNX bundle (CPU)")
     args = parser.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    print("| method | device | img/s (b32) | latency ms (b1) | train step s (batch) |\n|---|---|---|---|---|")
+    bundle_header = " ONNX img/s (b32) | ONNX latency ms (b1) |" if args.bundle else ""
+    print(f"| method | device | img/s (b32) | latency ms (b1) | train step s (batch) |{bundle_header}\n"
+          f"|---|---|---|---|---|{'---|---|' if args.bundle else ''}")
     for device in devices:
         for name in args.methods:
-            row = measure(name, args.size, device, args.repeats, args.profile)
+            row, method = measure(name, args.size, device, args.repeats, args.profile)
+            line = (f"| {name} | {device} | {row['images_per_second_b32']} | {row['latency_ms_b1']} | "
+                    f"{row['train_step_seconds']} ({row['train_batch_size']}) |")
+            if args.bundle and device == "cpu":
+                row.update(measure_bundle(method, args.repeats))
+                line += f" {row['onnx_images_per_second_b32']} | {row['onnx_latency_ms_b1']} |"
             rows.append(row)
-            print(f"| {name} | {device} | {row['images_per_second_b32']} | {row['latency_ms_b1']} | "
-                  f"{row['train_step_seconds']} ({row['train_batch_size']}) |", flush=True)
+            print(line, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speed_{args.size}.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -114,10 +114,15 @@ def deployment(model: Model) -> None:
             st.download_button("Download bundle", fh, file_name=f"kdcore-model-{model.id}-{model.method}.zip",
                                mime="application/zip", icon=":material/download:")
     label = "Prepare the bundle again" if exported is not None else "Prepare bundle"
-    if st.button(label, disabled=exporting, help="Exports to ONNX and checks it against the model (a minute)"):
-        job = store.enqueue_job(EXPORT, model.method, {}, model.dataset_id, model_id=model.id)
-        ui.supervise()
-        st.success(f"Queued export job #{job.id}.")
+    # A callback queues the job before this run, so the button is already disabled while it waits.
+    st.button(label, disabled=exporting, on_click=queue_export, args=(model,),
+              help="Exports to ONNX and checks it against the model (about a minute); see Export jobs below")
+
+
+def queue_export(model: Model) -> None:
+    job = store.enqueue_job(EXPORT, model.method, {}, model.dataset_id, model_id=model.id)
+    ui.supervise()
+    st.toast(f"Queued export job #{job.id}.")
 
 
 models = store.list_models()

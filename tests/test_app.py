@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from kdcore import ingest, worker
-from kdcore.store import CANCELLED, EVALUATE, FAILED, QUEUED, TRAIN, Store
+from kdcore.store import CANCELLED, EVALUATE, EXPORT, FAILED, QUEUED, TRAIN, Store
 from test_store import png, zip_of
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
@@ -194,6 +194,31 @@ def test_app_start_fails_a_job_whose_worker_is_gone(store):
     failed = store.get_job(job.id)
     assert failed.status == FAILED and "pid 999999" in failed.message
     assert "stopped while the job was running" in texts(at.error)
+
+
+def test_models_page_prepares_and_offers_the_bundle(store):
+    import json
+    import zipfile
+
+    model = fake_model(store, dataset_with_images(store))
+    at = open_page("pages/models.py")
+    assert not at.get("download_button")
+    by_label(at.button, "Prepare bundle").click().run()
+    (export,) = store.list_jobs(EXPORT)
+    assert export.model_id == model.id and export.status == QUEUED
+    assert by_label(at.button, "Prepare bundle").disabled  # one export of a model at a time
+
+    store.request_cancel(export.id)
+    store.bundle_file(model).parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(store.bundle_file(model), "w") as archive:  # what the export job writes
+        archive.writestr("manifest.json", json.dumps({"threshold": {"value": 1.99, "mode": "percentile"}}))
+    at = open_page("pages/models.py")
+    assert [b.proto.label for b in at.get("download_button")] == ["Download bundle"]
+    assert "This bundle holds" not in texts(at.warning)
+    store.set_model_threshold(model.id, {"value": 2.5, "mode": "score"})
+    at = open_page("pages/models.py")
+    assert "holds threshold 1.99; the model's is now 2.5" in texts(at.warning)
+    assert by_label(at.button, "Prepare the bundle again")
 
 
 def test_models_page_lists_evaluates_and_deletes(store):
