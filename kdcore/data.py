@@ -35,8 +35,8 @@ from typing import Iterable, Union
 import numpy as np
 from PIL import Image
 
-from kdcore.imaging import (RESIZE_MODES, DataError, _check_size, content_box,  # noqa: F401 - re-exported
-                            open_upright, prepare_model_input, read_model_input, to_8bit)
+from kdcore.imaging import (RESIZE_MODES, DataError, _check_size, check_pixel_count,  # noqa: F401
+                            content_box, open_upright, prepare_model_input, read_model_input, to_8bit)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -342,6 +342,7 @@ def probe_image(path: Path) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as img:
+            check_pixel_count(img, "the image")
             img.load()
             size = img.size
             if img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
@@ -349,6 +350,8 @@ def probe_image(path: Path) -> tuple[int, int]:
             return size
     # Pillow signals bad data with many exception types (OSError, SyntaxError,
     # ValueError, struct.error, DecompressionBombError...); all mean "unusable".
+    except DataError as err:
+        raise UnreadableImage(str(err)) from err
     except Exception as err:  # noqa: BLE001
         raise UnreadableImage(f"{type(err).__name__}: {err}") from err
 

@@ -6,6 +6,7 @@ training did. Keep it free of imports beyond the standard library, numpy and Pil
 """
 from __future__ import annotations
 
+import os
 from os import PathLike
 from pathlib import Path
 from typing import Union
@@ -18,6 +19,25 @@ PathArg = Union[str, "PathLike[str]"]
 
 class DataError(ValueError):
     """Bad dataset: the message always names the offending path."""
+
+
+#: The largest image accepted, in pixels (width × height), checked from the header before decoding: a small
+#: file can declare a huge picture (a 493 KB PNG of 13000×13000 pixels decodes to 500 MB). Raise it with the
+#: environment variable ``KDCORE_MAX_IMAGE_PIXELS``.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("KDCORE_MAX_IMAGE_PIXELS", "")
+    return int(value) if value.strip().isdigit() else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def check_pixel_count(img: Image.Image, name: object) -> None:
+    """Refuse an opened (not yet decoded) image larger than ``max_image_pixels()``."""
+    limit = max_image_pixels()
+    if img.width * img.height > limit:
+        raise DataError(f"{name} is {img.width}x{img.height} pixels ({img.width * img.height / 1e6:.0f} MP); at most "
+                        f"{limit / 1e6:.0f} MP are accepted (raise KDCORE_MAX_IMAGE_PIXELS to allow more)")
 
 
 #: How an image becomes a square: "stretch" squashes it (the aspect ratio is lost); "letterbox" scales its
@@ -37,7 +57,11 @@ def open_upright(path: PathArg) -> Image.Image:
     img = None
     try:
         img = Image.open(path)
+        check_pixel_count(img, path)
         img.load()
+    except DataError:
+        img.close()
+        raise
     except Exception as err:  # noqa: BLE001 - see probe_image
         if img is not None:
             img.close()  # don't leak the file handle of a half-read image

@@ -3,14 +3,15 @@
 Every entry point works in two phases. First each candidate file is copied into a staging folder under the
 data directory, hashed and fully decoded (with the same check ``load_dataset`` applies, so an accepted image
 is one training can read). Files that are not images or do not decode, and duplicates, are reported back in
-the :class:`IngestReport`, never raised. Then the accepted files move into the dataset in one step
-(:meth:`Store.add_images`). A whole upload is refused with :class:`RejectedUpload` (nothing stored) only when
+the :class:`IngestReport`, never raised. Then the accepted files move into the dataset
+(:meth:`Store.add_images`, in short transactions so that running jobs are never locked out). A whole upload is refused with :class:`RejectedUpload` (nothing stored) only when
 it is unsafe or too large: a zip with absolute or ``..`` member paths, too many members or too many bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
 import zipfile
@@ -23,9 +24,16 @@ from PIL import Image, ImageOps
 from kdcore import data
 from kdcore.store import GOOD, NewImage, Store
 
+# Caps on one upload, checked from the zip's directory before anything is written; each can be raised with
+# the environment variable of the same name prefixed by KDCORE_ (e.g. KDCORE_MAX_ZIP_BYTES).
 MAX_ZIP_MEMBERS = 20_000
-MAX_ZIP_BYTES = 8 * 1024**3  # total uncompressed size of one zip
+MAX_ZIP_BYTES = 4 * 1024**3  # total uncompressed size of one zip
+# Images hardly compress (PNG and JPEG are compressed already); a member that unpacks to over 100 times its
+# stored size is a bomb, not a picture. Tiny members are exempt: a 1 KB blank PNG legitimately shrinks well.
+MAX_ZIP_RATIO = 100
+_RATIO_EXEMPT_BYTES = 1024**2
 THUMB_SIZE = 160
+MAX_STEM_CHARS = 120
 _COPY_CHUNK = 1024 * 1024
 _MASK_SUFFIX = "_mask"
 _DEFECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -92,8 +100,11 @@ def _zip_members(zip_name: str, content: bytes) -> list[SourceFile]:
         infos = archive.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise RejectedUpload(f"{zip_name} is not a readable zip file ({exc})") from exc
-    if len(infos) > MAX_ZIP_MEMBERS:
-        raise RejectedUpload(f"{zip_name} has {len(infos)} entries; at most {MAX_ZIP_MEMBERS} are accepted")
+    max_members, max_bytes, max_ratio = (_cap("MAX_ZIP_MEMBERS", MAX_ZIP_MEMBERS), _cap("MAX_ZIP_BYTES", MAX_ZIP_BYTES),
+                                         _cap("MAX_ZIP_RATIO", MAX_ZIP_RATIO))
+    if len(infos) > max_members:
+        raise RejectedUpload(f"{zip_name} has {len(infos)} entries; at most {max_members} are accepted "
+                             "(KDCORE_MAX_ZIP_MEMBERS raises the cap)")
     for info in infos:
         path = PurePosixPath(info.filename.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", info.filename):
@@ -101,11 +112,21 @@ def _zip_members(zip_name: str, content: bytes) -> list[SourceFile]:
     # Declared sizes can be forged, but zipfile stops reading a member at its declared size and then fails its
     # CRC check, so the declared total really bounds what is read.
     total = sum(info.file_size for info in infos)
-    if total > MAX_ZIP_BYTES:
-        raise RejectedUpload(f"{zip_name} unpacks to {total / 1024**3:.1f} GiB; "
-                             f"at most {MAX_ZIP_BYTES / 1024**3:.0f} GiB are accepted")
+    if total > max_bytes:
+        raise RejectedUpload(f"{zip_name} unpacks to {total / 1024**3:.1f} GiB; at most {max_bytes / 1024**3:.1f} GiB "
+                             "are accepted (KDCORE_MAX_ZIP_BYTES raises the cap)")
+    for info in infos:
+        if info.file_size > _RATIO_EXEMPT_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
+            raise RejectedUpload(f"{zip_name}: '{info.filename}' unpacks to {info.file_size / 1024**2:.0f} MiB from "
+                                 f"{info.compress_size / 1024:.0f} KiB (over {max_ratio}x); no image compresses like "
+                                 "that, so the zip was refused (KDCORE_MAX_ZIP_RATIO raises the cap)")
     return [SourceFile(f"{zip_name}/{info.filename}", lambda info=info: archive.open(info))
             for info in infos if not info.is_dir() and not _is_system_file(info.filename)]
+
+
+def _cap(name: str, default: int) -> int:
+    value = os.environ.get(f"KDCORE_{name}", "")
+    return int(value) if value.strip().isdigit() else default
 
 
 def _is_system_file(name: str) -> bool:
@@ -119,8 +140,13 @@ def from_folder(folder: str | Path) -> list[SourceFile]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise RejectedUpload(f"not a folder on the server: {folder}")
-    return [SourceFile(str(path), lambda path=path: open(path, "rb"))
+    return [SourceFile(_printable(str(path)), lambda path=path: open(path, "rb"))
             for path in sorted(folder.iterdir()) if path.is_file() and not _is_system_file(path.name)]
+
+
+def _printable(name: str) -> str:
+    """A file name as text the database and pages can hold: bytes that are not UTF-8 become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # ------------------------------------------------------------------------------------------- adding
@@ -177,7 +203,10 @@ def import_folder(store: Store, dataset_id: int, folder: str | Path) -> IngestRe
     for defect_dir in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and not p.name.startswith(".")):
         mask_dir = folder / "ground_truth" / defect_dir.name
         masks = from_folder(mask_dir) if mask_dir.is_dir() else []
-        report.merge(add_test_images(store, dataset_id, defect_dir.name, from_folder(defect_dir), masks))
+        try:
+            report.merge(add_test_images(store, dataset_id, defect_dir.name, from_folder(defect_dir), masks))
+        except RejectedUpload as exc:  # one unusable folder must not hide what the others add
+            report.problems.append((f"{_printable(str(defect_dir))}/", str(exc)))
     return report
 
 
@@ -206,9 +235,12 @@ def _ingest(store: Store, dataset_id: int, pairs: list[tuple[SourceFile, SourceF
         stored = store.find_images_by_hash(dataset_id, list(staged))
         for sha, path in stored.items():
             report.duplicates.append((staged.pop(sha).source_name, path))
-        if staged:
-            store.add_images(dataset_id, list(staged.values()))
-        report.added += [image.source_name for image in staged.values()]
+        added = {record.sha256 for record in store.add_images(dataset_id, list(staged.values()))} if staged else set()
+        for sha, image in staged.items():
+            if sha in added:
+                report.added.append(image.source_name)
+            else:
+                report.duplicates.append((image.source_name, "an image another upload added at the same moment"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -276,5 +308,7 @@ def _write_thumbnail(image_path: Path, thumb_path: Path) -> None:
 def _safe_file_name(name: str) -> str:
     """The base name with anything but letters, digits, '-', '_' and '.' replaced; never hidden or empty."""
     path = PurePosixPath(name.replace("\\", "/"))
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._") or "image"
-    return f"{stem}{path.suffix.lower()}"
+    # File systems take 255 bytes; room is left for the suffix a name clash adds (``_unique_path``).
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:MAX_STEM_CHARS].strip("._") or "image"
+    suffix = path.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", path.suffix.lower()) else ""
+    return f"{stem}{suffix}"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import glob
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 DATA_DIR_ENV = "KDCORE_DATA_DIR"
 DEFAULT_DATA_DIR = "kdcore_data"
@@ -49,6 +48,11 @@ TRAIN, EVALUATE, EXPORT = "train", "evaluate", "export"
 # A running job whose worker has not written a heartbeat for this long is considered dead (e.g. a frozen
 # process, or a worker on another machine sharing the directory, where the lock cannot tell).
 STALE_HEARTBEAT_SECONDS = 120.0
+# Rows per transaction of an import: each holds the write lock for milliseconds, not for the whole import.
+ROWS_PER_TRANSACTION = 200
+# SQLite's own wait for a lock on each statement, and how long a write retries in all before it fails.
+BUSY_TIMEOUT_SECONDS = 30.0
+MAX_BUSY_SECONDS = 180.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
@@ -311,7 +315,7 @@ class Store:
         for sub in ("datasets", "models", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "kdcore.sqlite3"
-        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             # WAL is a property of the database file: set once, every later connection uses it.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -326,14 +330,14 @@ class Store:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A short-lived connection; the block runs as one transaction (commit on success, else rollback)."""
-        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys=ON")
             # NORMAL is safe in WAL mode: a crash loses at most the last commits, never corrupts.
             conn.execute("PRAGMA synchronous=NORMAL")
             # IMMEDIATE takes the write lock up front, so read-then-write blocks cannot interleave.
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_immediate(conn)
             try:
                 yield conn
             except BaseException:
@@ -344,7 +348,7 @@ class Store:
             conn.close()
 
     def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.db_path, timeout=30.0)
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS)
         try:
             conn.row_factory = sqlite3.Row
             return conn.execute(sql, params).fetchall()
@@ -439,43 +443,65 @@ class Store:
         return bool(rows[0]["masked"]) if rows else None
 
     def add_images(self, dataset_id: int, images: list[NewImage]) -> list[ImageRecord]:
-        """Move staged images into the dataset folder and record them, all or nothing.
+        """Move staged images into the dataset folder and record them; returns the records added.
 
-        Hashes already in the dataset are refused by the UNIQUE constraint (callers filter them first).
+        A large import must not stall the jobs that write progress meanwhile, so the files move before any
+        transaction (names checked against one listing of each folder) and the rows go in by short
+        transactions of ``ROWS_PER_TRANSACTION``. An image whose hash the dataset gained meanwhile (another
+        upload at the same moment) is not recorded and its files are taken back out; so are the files of rows
+        not recorded because of an error.
         """
+        self.get_dataset(dataset_id)
         folder = self.dataset_dir(dataset_id)
-        moved: list[Path] = []
+        stems: dict[Path, set[str]] = {}
+        placed: list[tuple[NewImage, str, str | None, str, list[Path]]] = []
         try:
-            with self._connect() as conn:
-                if not conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
-                    raise StoreError(f"dataset {dataset_id} does not exist (deleted?)")
-                now = time.time()
-                ids = []
-                for image in images:
-                    rel_image, rel_mask, rel_thumb = self._place(folder, image, moved)
-                    ids.append(conn.execute(
-                        "INSERT INTO images (dataset_id, split, defect, path, mask_path, thumb_path, sha256, bytes, "
-                        "width, height, source_name, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (dataset_id, image.split, image.defect, rel_image, rel_mask, rel_thumb, image.sha256,
-                         image.bytes, image.width, image.height, image.source_name, now)).lastrowid)
-        except BaseException as exc:
-            for path in moved:  # the transaction rolled back: take the files back out too
-                path.unlink(missing_ok=True)
-            if isinstance(exc, sqlite3.IntegrityError):  # callers filter known hashes, so only a race gets here
-                raise StoreError("another upload added some of these images at the same moment; nothing was "
-                                 "added, try again (duplicates will be skipped)") from exc
+            for image in images:
+                placed.append(self._place(folder, image, stems))
+        except BaseException:
+            _unlink_all(path for *_, files in placed for path in files)
             raise
-        return [_record(ImageRecord, row) for row in
-                self._query(f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))]
+        ids: list[int] = []
+        for start in range(0, len(placed), ROWS_PER_TRANSACTION):
+            chunk = placed[start:start + ROWS_PER_TRANSACTION]
+            try:
+                with self._connect() as conn:
+                    if not conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
+                        raise StoreError(f"dataset {dataset_id} was deleted during the import")
+                    now, refused = time.time(), []
+                    for image, rel_image, rel_mask, rel_thumb, files in chunk:
+                        cursor = conn.execute(
+                            "INSERT OR IGNORE INTO images (dataset_id, split, defect, path, mask_path, thumb_path, "
+                            "sha256, bytes, width, height, source_name, added_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (dataset_id, image.split, image.defect, rel_image, rel_mask, rel_thumb, image.sha256,
+                             image.bytes, image.width, image.height, image.source_name, now))
+                        if cursor.rowcount:
+                            ids.append(cursor.lastrowid)
+                        else:  # the thumbnail is named by hash: it is the other copy's too, so it stays
+                            refused += files[:-1]
+            except BaseException:
+                _unlink_all(path for *_, files in placed[start:] for path in files)
+                raise
+            _unlink_all(refused)
+        return [record for start in range(0, len(ids), 500) for record in
+                (_record(ImageRecord, row) for row in self._query(
+                    f"SELECT * FROM images WHERE id IN ({','.join('?' * len(ids[start:start + 500]))})",
+                    tuple(ids[start:start + 500])))]
 
     @staticmethod
-    def _place(folder: Path, image: NewImage, moved: list[Path]) -> tuple[str, str | None, str]:
-        """Move one staged image (and its mask and thumbnail) into ``folder``; relative paths of each."""
-        sub = Path(image.split) / image.defect
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        target = _unique_path(folder / sub / image.name, image.sha256)
+    def _place(folder: Path, image: NewImage,
+               stems: dict[Path, set[str]]) -> tuple[NewImage, str, str | None, str, list[Path]]:
+        """Move one staged image (then its mask, then its thumbnail) into ``folder``: the image, the relative paths
+        of each and the files moved. ``stems`` caches each folder's file stems across calls."""
+        sub = folder / image.split / image.defect
+        sub.mkdir(parents=True, exist_ok=True)
+        if sub not in stems:
+            stems[sub] = {Path(name).stem for name in os.listdir(sub)}
+        target = _unique_path(sub / image.name, image.sha256, stems[sub])
         os.replace(image.staged, target)
-        moved.append(target)
+        stems[sub].add(target.stem)
+        moved = [target]
         rel_mask = None
         if image.staged_mask is not None:
             # load_dataset pairs masks by stem: ground_truth/<defect>/<stem>_mask.<ext>
@@ -488,7 +514,7 @@ class Store:
         thumb.parent.mkdir(exist_ok=True)
         os.replace(image.staged_thumb, thumb)
         moved.append(thumb)
-        return target.relative_to(folder).as_posix(), rel_mask, thumb.relative_to(folder).as_posix()
+        return image, target.relative_to(folder).as_posix(), rel_mask, thumb.relative_to(folder).as_posix(), moved
 
     # ------------------------------------------------------------------------------- jobs
     def enqueue_job(self, kind: str, method: str, params: dict, dataset_id: int | None,
@@ -810,12 +836,32 @@ class _JobGone(Exception):
     """Raised inside register_model's transaction to roll it back."""
 
 
-def _unique_path(path: Path, sha256: str) -> Path:
-    """``path``, or ``<stem>_<hash prefix><suffix>`` when a file with that stem exists.
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, retried with backoff while another writer holds the lock (each try waits up to the
+    connection's timeout) until ``MAX_BUSY_SECONDS`` have passed; then the error goes to the caller."""
+    deadline, pause = time.monotonic() + MAX_BUSY_SECONDS, 0.05
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def _unique_path(path: Path, sha256: str, taken_stems: set[str]) -> Path:
+    """``path``, or ``<stem>_<hash prefix><suffix>`` when its folder has a file with that stem (``taken_stems``).
 
     Stems, not names, must be unique: load_dataset pairs images with masks by stem, so ``a.png`` and ``a.jpg``
     in one folder would share a mask.
     """
-    if not any(path.parent.glob(glob.escape(path.stem) + ".*")):
+    if path.stem not in taken_stems:
         return path
     return path.with_name(f"{path.stem}_{sha256[:10]}{path.suffix}")
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

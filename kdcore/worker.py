@@ -72,7 +72,7 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
 def run_job(store: Store, job: Job) -> None:
     """Run one claimed job to its end; every outcome, including a crash, is recorded in the store."""
     log = _job_logger(store, job.id)
-    heartbeat = _Heartbeat(store, job.id)
+    heartbeat = _Heartbeat(store, job.id, log)
     heartbeat.start()
     log.info("job %d: %s %s on dataset '%s' with %s", job.id, job.kind, job.method, job.dataset_name, job.params)
     try:
@@ -217,14 +217,19 @@ class _TrainReporter:
 class _Heartbeat(threading.Thread):
     """Proves the worker alive even during long steps without progress reports (reading data, hold-out)."""
 
-    def __init__(self, store: Store, job_id: int):
+    def __init__(self, store: Store, job_id: int, log: logging.Logger):
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.store, self.job_id = store, job_id
+        self.store, self.job_id, self.log = store, job_id, log
         self._stopped = threading.Event()
 
     def run(self) -> None:
         while not self._stopped.wait(HEARTBEAT_SECONDS):
-            self.store.heartbeat(self.job_id)
+            # A failed write (e.g. the database busy beyond the store's patience) must not end the thread, or
+            # a healthy job would later be declared dead: say so in the job log and try again next beat.
+            try:
+                self.store.heartbeat(self.job_id)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried the same way
+                self.log.warning("heartbeat not written (%s: %s); retrying", type(exc).__name__, exc)
 
     def stop(self) -> None:
         self._stopped.set()

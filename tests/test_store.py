@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 
 import numpy as np
@@ -114,6 +115,33 @@ def test_a_rejected_zip_changes_nothing(store, dataset, monkeypatch, members, li
     assert snapshot(store) == before
 
 
+def test_a_zip_bomb_is_refused_from_its_directory(store, dataset, monkeypatch):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.png", bytes(64 * 1024**2))  # 64 MiB of zeros in about 64 KB
+    before = snapshot(store)
+    with pytest.raises(ingest.RejectedUpload, match="no image compresses like that"):
+        ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("bomb.zip", buffer.getvalue())]))
+    assert snapshot(store) == before and not any((store.root / "tmp").iterdir())
+    monkeypatch.setenv("KDCORE_MAX_ZIP_RATIO", "100000")  # a user who knows better raises the cap
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("bomb.zip", buffer.getvalue())]))
+    assert report.added == [] and "not a readable image" in report.problems[0][1]
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(store, dataset, monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 8000)).save(buffer, "PNG")  # 72 MP in a few KB
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("huge.png", buffer.getvalue()),
+                                                                               ("fine.png", png(3))]))
+    assert report.added == ["fine.png"]
+    (name, reason), = report.problems
+    assert name == "huge.png" and "9000x8000" in reason and "at most 64 MP" in reason
+    monkeypatch.setenv("KDCORE_MAX_IMAGE_PIXELS", "1000")
+    (store.root / "small.png").write_bytes(png(4))
+    with pytest.raises(data.DataError, match="KDCORE_MAX_IMAGE_PIXELS"):
+        data.read_image(store.root / "small.png", 32)
+
+
 def test_a_file_that_is_not_a_zip_is_rejected(store, dataset):
     with pytest.raises(ingest.RejectedUpload, match="not a readable zip"):
         ingest.from_uploads([("photos.zip", b"PK but not really")])
@@ -148,3 +176,29 @@ def test_defect_images_of_a_dataset_all_have_masks_or_none_has(store, dataset):
     ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("n1.png", png(6)), ("n2.png", png(7))]))
     loaded = data.load_dataset(store.dataset_dir(dataset.id))
     assert [s.mask_path.name for s in loaded.test] == ["s1_mask.png"]
+
+
+def test_bad_names_are_judged_one_file_at_a_time(store, dataset, tmp_path):
+    long_name = "x" * 300 + ".png"  # over the 255 bytes a file system takes
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([(long_name, png(5)), ("ok.png", png(6))]))
+    assert sorted(report.added) == sorted([long_name, "ok.png"]) and report.problems == []
+    assert all(len(image.path.split("/")[-1]) < 255 for image in store.list_images(dataset.id))
+
+    folder = tmp_path / "server"
+    folder.mkdir()
+    (folder / "fine.png").write_bytes(png(7))
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(png(8))  # Latin-1 bytes, not UTF-8
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_folder(folder))
+    assert len(report.added) == 2 and any("\ufffd" in name for name in report.added)
+
+
+def test_an_mvtec_import_with_a_bad_defect_folder_keeps_the_rest(store, dataset, tmp_path):
+    root = tmp_path / "mvtec"
+    for folder, seed in (("train/good", 10), ("test/good", 11), ("test/bad name!", 12), ("test/zdent", 13)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "a.png").write_bytes(png(seed))
+    report = ingest.import_folder(store, dataset.id, root)
+    assert len(report.added) == 3
+    (name, reason), = report.problems
+    assert name.endswith("bad name!/") and "not a usable defect type name" in reason
+    assert ("test", "zdent") in store.dataset_counts(dataset.id)  # the folder after the bad one went in

@@ -15,7 +15,7 @@ import pytest
 import kdcore
 import synthetic
 from kdcore import ingest, worker
-from kdcore.store import CANCELLED, DONE, EVALUATE, FAILED, QUEUED, RUNNING, TRAIN, Store
+from kdcore.store import CANCELLED, DONE, EVALUATE, FAILED, GOOD, QUEUED, RUNNING, TRAIN, Store
 
 TINY = {"size": 64, "epochs": 1, "batch_size": 8}
 LONG = {"size": 64, "epochs": 500, "batch_size": 8}  # runs until cancelled or killed
@@ -161,3 +161,43 @@ def test_the_app_starts_a_worker_only_when_jobs_wait(tmp_path, monkeypatch):
 class _FakeProcess:
     def poll(self):
         return None  # "still running"
+
+
+def test_a_large_import_does_not_lock_out_a_running_training(trained, tmp_path, monkeypatch):
+    import kdcore.store as store_module
+    from test_store import png
+
+    store = trained[0]
+    dataset = store.create_dataset("bulk")
+    ingest.import_folder(store, dataset.id, synthetic.make_dataset(tmp_path, n_train=10, n_test_good=0, n_test_defect=0))
+    # A slow disk and little patience for locks: an import that held the write lock while it moved its files
+    # (as it once did, for the whole import) would make the training's claim and progress writes fail.
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(store_module, "MAX_BUSY_SECONDS", 1.0)
+    real_replace = os.replace
+
+    def slow_replace(source, target):
+        time.sleep(0.005)
+        real_replace(source, target)
+
+    monkeypatch.setattr(store_module.os, "replace", slow_replace)
+    moving = threading.Event()
+    real_add_images = store.add_images
+
+    def add_images(*args):
+        moving.set()
+        return real_add_images(*args)
+
+    monkeypatch.setattr(store, "add_images", add_images)
+    files = ingest.from_uploads([(f"bulk_{i}.png", png(1000 + i, size=16)) for i in range(600)])
+    reports = []
+    importer = threading.Thread(target=lambda: reports.append(ingest.add_normal_images(store, dataset.id, files)))
+    importer.start()
+    assert moving.wait(60)
+    job = store.enqueue_job(TRAIN, "stpm", {**TINY, "epochs": 3}, dataset.id)
+    assert worker.run_worker(store.root, idle_exit_seconds=0) == 1
+    importer.join(120)
+    assert store.get_job(job.id).status == DONE, store.get_job(job.id).message
+    (report,) = reports
+    assert len(report.added) == 600 and report.problems == []
+    assert store.dataset_counts(dataset.id)[("train", GOOD)] == 10 + 600
