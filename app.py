@@ -2,10 +2,15 @@
 import streamlit as st
 
 import ui
+from kdcore.store import StoreError
 
 st.set_page_config(page_title="kdcore · anomaly detection", page_icon=":material/troubleshoot:", layout="wide")
-# On every start and page view: jobs whose worker died are marked failed, waiting jobs get a worker.
-ui.supervise()
+try:
+    # On every start and page view: jobs whose worker died are marked failed, waiting jobs get a worker.
+    ui.supervise()
+except StoreError as exc:  # a damaged or mismatched database: say so in one line, touch nothing
+    st.error(f"The data directory cannot be opened: {exc}")
+    st.stop()
 
 page = st.navigation([
     st.Page("pages/home.py", title="Home", icon=ui.ICONS["home"], default=True),

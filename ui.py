@@ -172,8 +172,16 @@ def _loaded_method(model_id: int, created_at: float, path: str):
 
 
 def load_method(model: Model):
-    """The model, loaded once per app process and shared by all sessions (``kdcore.review`` locks inference)."""
-    return _loaded_method(model.id, model.created_at, str(get_store().model_file(model)))
+    """The model, loaded once per app process and shared by all sessions (``kdcore.review`` locks inference).
+
+    A model file that cannot be loaded (damaged, removed) stops the page with one line saying which and why.
+    """
+    try:
+        return _loaded_method(model.id, model.created_at, str(get_store().model_file(model)))
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"Model #{model.id} ({model.method}) cannot be loaded: {exc}. Train it again, or delete it on "
+                 "the Models page.")
+        st.stop()
 
 
 def trained_models() -> list[Model]:

@@ -80,11 +80,14 @@ def _state_digest(module: nn.Module) -> str:
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors fail on foreign files with many exception types
+        raise BackboneError(f"{path} is not a weights file torch can read ({type(exc).__name__}: {exc})") from exc
     # Checkpoints often wrap the weights; accept the two common wrappers.
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

@@ -34,6 +34,7 @@ MAX_ZIP_RATIO = 100
 _RATIO_EXEMPT_BYTES = 1024**2
 THUMB_SIZE = 160
 MAX_STEM_CHARS = 120
+IMPORT_ROOTS_ENV = "KDCORE_IMPORT_ROOTS"
 _COPY_CHUNK = 1024 * 1024
 _MASK_SUFFIX = "_mask"
 _DEFECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -135,13 +136,42 @@ def _is_system_file(name: str) -> bool:
     return parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
 
 
-def from_folder(folder: str | Path) -> list[SourceFile]:
-    """The files directly inside a folder on the server (like load_dataset, sub-folders are not searched)."""
+def from_folder(folder: str | Path, roots: Sequence[Path] | None = None) -> list[SourceFile]:
+    """The files directly inside a folder on the server (like load_dataset, sub-folders are not searched).
+
+    With ``roots`` (the web app: ``import_roots``) the folder must lie under one of them after symlinks are
+    resolved, and files whose links lead outside them are left out.
+    """
     folder = Path(folder).expanduser()
+    if roots is not None:
+        _require_within(folder, roots)
     if not folder.is_dir():
         raise RejectedUpload(f"not a folder on the server: {folder}")
     return [SourceFile(_printable(str(path)), lambda path=path: open(path, "rb"))
-            for path in sorted(folder.iterdir()) if path.is_file() and not _is_system_file(path.name)]
+            for path in sorted(folder.iterdir()) if path.is_file() and not _is_system_file(path.name)
+            and (roots is None or _is_within(path.resolve(), roots))]
+
+
+def import_roots(store: Store) -> list[Path]:
+    """The server folders the web app may read: ``KDCORE_IMPORT_ROOTS`` (paths separated by ``os.pathsep``),
+    by default ``<data dir>/inbox`` (created). The command line, run by a local user, is not restricted."""
+    value = os.environ.get(IMPORT_ROOTS_ENV, "")
+    if value.strip():
+        return [Path(part).expanduser().resolve() for part in value.split(os.pathsep) if part.strip()]
+    inbox = store.root / "inbox"
+    inbox.mkdir(exist_ok=True)
+    return [inbox.resolve()]
+
+
+def _is_within(resolved: Path, roots: Sequence[Path]) -> bool:
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _require_within(folder: Path, roots: Sequence[Path]) -> None:
+    if not _is_within(folder.resolve(), roots):
+        raise RejectedUpload(f"{folder} is outside the server folders this app may read "
+                             f"({', '.join(str(root) for root in roots)}): copy the images under one of them, or "
+                             f"have the administrator add the folder to {IMPORT_ROOTS_ENV}")
 
 
 def _printable(name: str) -> str:
@@ -194,17 +224,20 @@ def add_test_images(store: Store, dataset_id: int, defect: str, images: Sequence
     return _merge(report, _ingest(store, dataset_id, usable, "test", defect))
 
 
-def import_folder(store: Store, dataset_id: int, folder: str | Path) -> IngestReport:
-    """Import a server folder: MVTec AD layout (train/good, test/<defect>, ground_truth) or plain normal images."""
+def import_folder(store: Store, dataset_id: int, folder: str | Path, roots: Sequence[Path] | None = None) -> IngestReport:
+    """Import a server folder: MVTec AD layout (train/good, test/<defect>, ground_truth) or plain normal images.
+    ``roots`` restricts what may be read, as for ``from_folder``."""
     folder = Path(folder).expanduser()
+    if roots is not None:
+        _require_within(folder, roots)
     if not (folder / "train").is_dir():
-        return add_normal_images(store, dataset_id, from_folder(folder))
-    report = add_normal_images(store, dataset_id, from_folder(folder / "train" / GOOD))
+        return add_normal_images(store, dataset_id, from_folder(folder, roots))
+    report = add_normal_images(store, dataset_id, from_folder(folder / "train" / GOOD, roots))
     for defect_dir in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and not p.name.startswith(".")):
         mask_dir = folder / "ground_truth" / defect_dir.name
-        masks = from_folder(mask_dir) if mask_dir.is_dir() else []
         try:
-            report.merge(add_test_images(store, dataset_id, defect_dir.name, from_folder(defect_dir), masks))
+            masks = from_folder(mask_dir, roots) if mask_dir.is_dir() else []
+            report.merge(add_test_images(store, dataset_id, defect_dir.name, from_folder(defect_dir, roots), masks))
         except RejectedUpload as exc:  # one unusable folder must not hide what the others add
             report.problems.append((f"{_printable(str(defect_dir))}/", str(exc)))
     return report

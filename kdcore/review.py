@@ -80,13 +80,14 @@ def dataset_images(store: Store, dataset_id: int, split: str = "test") -> list[I
             for record in store.list_images(dataset_id, split)]
 
 
-def folder_images(folder: str | Path) -> tuple[list[ImageRef], list[tuple[str, str]]]:
+def folder_images(folder: str | Path, roots: Sequence[Path] | None = None
+                  ) -> tuple[list[ImageRef], list[tuple[str, str]]]:
     """The readable images directly inside a server folder, and (file, reason) for the files skipped.
 
-    Raises ``ingest.RejectedUpload`` when ``folder`` is not a folder.
+    Raises ``ingest.RejectedUpload`` when ``folder`` is not a folder, or lies outside ``roots`` when given.
     """
     images, problems = [], []
-    for source in ingest.from_folder(folder):
+    for source in ingest.from_folder(folder, roots):
         path = Path(source.name)
         reason = _unusable(path)
         if reason:

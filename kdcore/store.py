@@ -2,7 +2,8 @@
 
 Layout of the data directory (``KDCORE_DATA_DIR``, default ``./kdcore_data``)::
 
-    kdcore.sqlite3               datasets, their image manifest, jobs, loss curves, models
+    kdcore.sqlite3               datasets, their image manifest, jobs, loss curves, models; schema version
+    kdcore-store-id              the store's identity, also kept in the database (they must match)
     datasets/<id>/train/good/    normal training images   } the MVTec AD layout, so the folder is
     datasets/<id>/test/<defect>/ labelled test images     } exactly what ``kdcore.data.load_dataset``
     datasets/<id>/ground_truth/  masks (<stem>_mask.*)    } and the CLI read
@@ -13,6 +14,8 @@ Layout of the data directory (``KDCORE_DATA_DIR``, default ``./kdcore_data``)::
     uploads/<sha256>.<ext>       images uploaded for review (Compare, Inspect), by content
     worker.lock                  held (flock) by the one running worker; holds its pid
     worker.log                   stdout/stderr of a worker started by the app
+    bundles/model-<id>.zip       export bundles (``kdcore.export``) made by export jobs
+    inbox/                       default root of the server folders the web app may read (``KDCORE_IMPORT_ROOTS``)
     tmp/                         staging area: files appear in their final place only by os.replace
 
 Everything the app shows comes from here, never from a browser session, so a reload or a second browser sees
@@ -34,6 +37,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -149,6 +153,12 @@ CREATE TABLE IF NOT EXISTS qa_labels (
     sha256 TEXT PRIMARY KEY,     -- QA's word on what an image really shows, whatever model judged it
     label INTEGER NOT NULL CHECK (label IN (0, 1)),  -- 0 normal, 1 defective
     marked_at REAL NOT NULL
+);
+-- The store's identity (key 'store_id'), also written to the data directory's IDENTITY_FILE: a database that
+-- does not belong to its directory (emptied, replaced, another store's) is refused, never mixed with its files.
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_points_by_job ON job_points (job_id, step);
 CREATE INDEX IF NOT EXISTS images_by_split ON images (dataset_id, split, defect);
@@ -279,8 +289,11 @@ def default_data_dir() -> Path:
 
 
 # The layout version of kdcore.sqlite3 (SQLite's user_version): 0 is a database written before versions were
-# kept, 1 adds export jobs. A newer database than this code knows is refused rather than misread.
-SCHEMA_VERSION = 1
+# kept, 1 adds export jobs, 2 the store identity (meta). A newer database than this code knows is refused
+# rather than misread.
+SCHEMA_VERSION = 2
+IDENTITY_FILE = "kdcore-store-id"
+DATABASE_FILE = "kdcore.sqlite3"
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -308,21 +321,75 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+def _claim_identity(conn: sqlite3.Connection, root: Path, fresh_database: bool) -> str:
+    """The store id shared by the database and the directory; created for a new (or pre-identity) store.
+
+    Runs under the write lock, so two processes opening a new store at once agree on one id.
+    """
+    marker = root / IDENTITY_FILE
+    _begin_immediate(conn)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        database_id = row[0] if row else None
+        directory_id = marker.read_text().strip() if marker.exists() else None
+        database = root / DATABASE_FILE
+        if database_id and directory_id and database_id != directory_id:
+            raise StoreError(f"{database} belongs to another kdcore store than the files in {root}: put back this "
+                             "directory's own database (nothing was changed)")
+        if directory_id and not database_id:
+            raise StoreError(_replaced_database(root))
+        if database_id and not directory_id:
+            raise StoreError(f"{root} lacks its {IDENTITY_FILE} file, so {database} may not belong to it: copy the "
+                             "whole data directory, not the database alone (nothing was changed)")
+        if not database_id:
+            if fresh_database and any(any((root / sub).iterdir()) for sub in ("datasets", "models")):
+                raise StoreError(f"{database} is new, but {root} already holds datasets or models: restore the "
+                                 "database from a backup, or move the directory aside to start afresh (nothing was "
+                                 "changed)")
+            database_id = uuid.uuid4().hex
+            conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (database_id,))
+            _write_text_atomically(marker, database_id + "\n")
+        conn.execute("COMMIT")
+        return database_id
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _replaced_database(root: Path) -> str:
+    return (f"{root / DATABASE_FILE} is empty or was replaced, but {root} holds the files of a store: restore the "
+            "database from a backup, or move the directory aside to start afresh (nothing was changed)")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------- the store
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser().resolve() if root is not None else default_data_dir()
         for sub in ("datasets", "models", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "kdcore.sqlite3"
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        self.db_path = self.root / DATABASE_FILE
         try:
-            # WAL is a property of the database file: set once, every later connection uses it.
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
-            _migrate(conn)
-        finally:
-            conn.close()
+            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            try:
+                fresh = not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
+                if fresh and (self.root / IDENTITY_FILE).exists():  # refused before anything is written to it
+                    raise StoreError(_replaced_database(self.root))
+                # WAL is a property of the database file: set once, every later connection uses it.
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                _migrate(conn)
+                self.id = _claim_identity(conn, self.root, fresh)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:  # e.g. a damaged file: "file is not a database"
+            raise StoreError(f"{self.db_path} cannot be used ({exc}): restore it from a backup, or move the data "
+                             "directory aside to start afresh (nothing was changed)") from exc
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"

@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from kdcore.store import CANCELLED, DONE, EVALUATE, EXPORT, FAILED, TRAIN, Job, Store
+from kdcore.store import (CANCELLED, DATABASE_FILE, DONE, EVALUATE, EXPORT, FAILED, TRAIN, Job, Store, StoreError,
+                          default_data_dir)
 
 POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
 REPORT_SECONDS = 1.0  # progress is written, and the cancel flag read, at most this often
@@ -284,6 +285,8 @@ def start_worker_process(store: Store) -> subprocess.Popen:
 # ------------------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="the app's data directory (default: $KDCORE_DATA_DIR or ./kdcore_data)")
+    parser.add_argument("--create", action="store_true",
+                        help="start a new, empty data directory when there is none at --data-dir")
     parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
                         help="exit after this long without jobs (default: run until stopped; 0: drain the queue)")
 
@@ -294,9 +297,14 @@ def command(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise WorkerStopped(f"signal {signum}")
 
+    root = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    if not (root / DATABASE_FILE).exists() and not args.create:
+        # A mistyped path would otherwise start an empty store and wait there forever for jobs.
+        raise StoreError(f"{root} is not a kdcore data directory (no {DATABASE_FILE}); check --data-dir, or pass "
+                         "--create to start a new one there")
     signal.signal(signal.SIGTERM, stop)
     try:
-        run_worker(args.data_dir, args.idle_exit)
+        run_worker(root, args.idle_exit)
     except (WorkerStopped, KeyboardInterrupt):
         logger.info("worker stopped")
     return 0

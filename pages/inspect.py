@@ -34,10 +34,12 @@ def inputs(model) -> None:
     # A form: typing the path and clicking the button is one action (a bare text input commits on Enter or blur,
     # so the first click would only commit the text).
     with folder_tab, st.form("inspect_folder", border=False):
-        folder = st.text_input("Folder path", placeholder="/data/line3/2026-11-23").strip()
+        roots = ingest.import_roots(store)
+        folder = st.text_input("Folder path", placeholder=str(roots[0] / "line3" / "2026-11-23"),
+                               help="Folders under: " + ", ".join(str(root) for root in roots)).strip()
         if st.form_submit_button("Inspect folder", type="primary") and folder:
             try:
-                images, problems = review.folder_images(folder)
+                images, problems = review.folder_images(folder, roots)
             except ingest.RejectedUpload as exc:
                 images, problems = [], [(folder, str(exc))]
             run(model, images, problems, folder)

@@ -101,6 +101,32 @@ def test_datasets_page_rejected_zip_adds_nothing(store):
     assert store.dataset_counts(dataset.id) == {("train", "good"): 2}
 
 
+def test_datasets_page_imports_server_folders_only_from_the_inbox(store, tmp_path, monkeypatch):
+    dataset = dataset_with_images(store, n=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png(30))
+    inbox = store.root / "inbox"
+    (inbox / "line").mkdir(parents=True)
+    (inbox / "line" / "part.png").write_bytes(png(31))
+    (inbox / "line" / "link.png").symlink_to(outside / "secret.png")  # a link out of the inbox is not followed
+    (inbox / "escape").symlink_to(outside)
+    at = open_page("pages/datasets.py")
+    for folder in ("/etc", str(outside), str(inbox / "escape")):
+        by_label(at.text_input, "Folder path on the server").input(folder).run()
+        by_label(at.button, "Import folder").click().run()
+        assert "outside the server folders this app may read" in texts(at.error)
+        assert store.dataset_counts(dataset.id) == {("train", "good"): 2}
+    by_label(at.text_input, "Folder path on the server").input(str(inbox / "line")).run()
+    by_label(at.button, "Import folder").click().run()
+    assert store.dataset_counts(dataset.id) == {("train", "good"): 3}
+    monkeypatch.setenv("KDCORE_IMPORT_ROOTS", str(outside))  # the administrator opens another folder
+    at = open_page("pages/datasets.py")
+    by_label(at.text_input, "Folder path on the server").input(str(outside)).run()
+    by_label(at.button, "Import folder").click().run()
+    assert store.dataset_counts(dataset.id) == {("train", "good"): 4}
+
+
 def test_datasets_page_adds_labelled_test_images_with_masks(store):
     dataset = dataset_with_images(store, n=2)
     at = open_page("pages/datasets.py")

@@ -69,3 +69,26 @@ def test_errors_are_one_line_and_nonzero(args, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_bad_input_is_one_line_never_a_traceback(synthetic_root, model, tmp_path, capsys):
+    import torch
+
+    (tmp_path / "junk.pth").write_text("junk")
+    payload = torch.load(model, weights_only=True)
+    payload["format_version"] = "abc"
+    torch.save(payload, tmp_path / "bad_version.pt")
+    cases = [
+        (["train", "--method", "rd", "--data", str(synthetic_root), "--out", str(tmp_path / "m.pt"),
+          "--set", "lr=abc", *TRAIN], "lr must be a number, got 'abc'"),
+        (["train", "--method", "rd", "--data", str(synthetic_root), "--out", str(tmp_path / "m.pt"),
+          "--weights", str(tmp_path / "junk.pth"), *TRAIN], "is not a weights file torch can read"),
+        (["predict", str(tmp_path / "bad_version.pt"), str(synthetic_root / "test" / "good")],
+         "its format version is 'abc'"),
+        (["worker", "--data-dir", str(tmp_path / "typo"), "--idle-exit", "0"], "pass --create"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "m.pt").exists()

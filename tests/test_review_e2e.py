@@ -23,11 +23,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs {CH
 
 
 @pytest.fixture(scope="module")
-def app(review_template, tmp_path_factory):
+def app(review_template, synthetic_root, tmp_path_factory):
     """The app on a free port over a copy of the template store; no worker (nothing is trained here)."""
     data_dir = shutil.copytree(review_template, tmp_path_factory.mktemp("review-e2e") / "data")
     url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "KDCORE_DATA_DIR": str(data_dir), "KDCORE_WORKER_AUTOSTART": "0",
+           "KDCORE_IMPORT_ROOTS": str(synthetic_root),  # the server folder Inspect reads below
            "OMP_NUM_THREADS": "1"}  # the tiny models run faster on one thread of a busy CPU
     with open(data_dir / "streamlit.log", "wb") as log:
         process = subprocess.Popen(

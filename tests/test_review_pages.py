@@ -111,7 +111,7 @@ def test_thresholds_page_says_plainly_when_no_defects_are_labelled(review_store,
 
 def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_false_positives(
         review_store, models, tmp_path):
-    folder = new_parts(tmp_path / "line")
+    folder = new_parts(review_store.root / "inbox" / "line")  # the app reads server folders under its inbox
     images, _ = review.folder_images(folder)
     scores = review.score_images(review_store, models["stpm"], images, loader(review_store))
     review_store.set_model_threshold(models["stpm"].id, {"value": float(np.median(scores)), "mode": "score",
@@ -157,3 +157,24 @@ def test_inspect_says_when_the_threshold_changed_since(review_store, models, tmp
     newest = review_store.list_inspections(stpm.id)[0]
     assert newest.threshold["value"] == 0.0 and not at.info
     assert verdicts(at) == ["NG"] * 6
+
+
+def test_a_damaged_model_file_is_one_readable_line(review_store, models):
+    rd = models["rd"]
+    review_store.model_file(rd).write_bytes(b"\x80\x04crafted or truncated")
+    at = open_page()
+    at.query_params["model"] = str(rd.id)
+    at.switch_page("pages/thresholds.py").run()
+    assert not at.exception
+    error = texts(at.error)
+    assert f"Model #{rd.id} (rd) cannot be loaded" in error and "weights_only" not in error
+
+
+def test_a_damaged_database_is_one_readable_line(review_store):
+    database = review_store.root / "kdcore.sqlite3"
+    for wal in review_store.root.glob("kdcore.sqlite3-*"):
+        wal.unlink()
+    database.write_bytes(b"not a database at all" * 50)
+    at = open_page()
+    assert not at.exception
+    assert "The data directory cannot be opened" in texts(at.error) and "cannot be used" in texts(at.error)

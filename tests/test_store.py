@@ -202,3 +202,39 @@ def test_an_mvtec_import_with_a_bad_defect_folder_keeps_the_rest(store, dataset,
     (name, reason), = report.problems
     assert name.endswith("bad name!/") and "not a usable defect type name" in reason
     assert ("test", "zdent") in store.dataset_counts(dataset.id)  # the folder after the bad one went in
+
+
+def test_a_database_that_does_not_belong_to_its_directory_is_refused(store, dataset, tmp_path):
+    ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("a.png", png(40))]))
+    database = store.root / "kdcore.sqlite3"
+    before = snapshot(store)
+    saved = database.read_bytes()
+    for wal in store.root.glob("kdcore.sqlite3-*"):
+        wal.unlink()
+    database.write_bytes(b"")  # emptied: a new store here would reuse dataset id 1 and its images
+    with pytest.raises(StoreError, match="empty or was replaced"):
+        Store(store.root)
+    assert database.read_bytes() == b""  # refused before anything was written to it
+    database.write_bytes(b"garbage, not a database" * 100)
+    with pytest.raises(StoreError, match="cannot be used"):
+        Store(store.root)
+    other = Store(tmp_path / "other")  # another store's database
+    database.write_bytes((other.root / "kdcore.sqlite3").read_bytes())
+    with pytest.raises(StoreError, match="belongs to another kdcore store"):
+        Store(store.root)
+    database.write_bytes(saved)
+    assert snapshot(Store(store.root)) == before  # its own database back: all there, nothing reused
+
+    (store.root / "kdcore-store-id").unlink()
+    (store.root / "kdcore.sqlite3").unlink()
+    with pytest.raises(StoreError, match="already holds datasets or models"):  # a pre-identity store emptied
+        Store(store.root)
+
+
+def test_a_newer_database_layout_is_refused(store):
+    import sqlite3
+
+    with sqlite3.connect(store.root / "kdcore.sqlite3") as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer than this kdcore"):
+        Store(store.root)

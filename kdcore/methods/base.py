@@ -64,7 +64,24 @@ class MethodConfig:
     legacy_defaults: ClassVar[dict] = {"resize": "stretch", "map_normalization": "none"}
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each parameter has its default's kind (e.g. ``--set lr=abc`` is refused here, in words); an int is
+        taken where a float is expected."""
+        for field in dataclasses.fields(self):
+            default, value = field.default, getattr(self, field.name)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{field.name} must be true or false, got {value!r}")
+            elif isinstance(default, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{field.name} must be a number, got {value!r}")
+                if isinstance(default, float):
+                    setattr(self, field.name, float(value))
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ValueError(f"{field.name} must be text, got {value!r}")
 
     def validate(self) -> None:
         if not isinstance(self.size, int) or self.size < 64 or self.size % 32:
@@ -444,9 +461,14 @@ def load(path: str | Path, device: str = "auto") -> AnomalyMethod:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a kdcore model file ({type(exc).__name__}: {exc})") from exc
+        # torch's own text for a foreign pickle suggests weights_only=False, which would run its code: never.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = type(exc).__name__ if "weights_only" in str(exc) else f"{type(exc).__name__}: {first_line[:160]}"
+        raise ValueError(f"{path} is not a kdcore model file, or it is damaged ({detail})") from exc
     if not isinstance(payload, dict) or "method" not in payload or "format_version" not in payload:
         raise ValueError(f"{path} is not a kdcore model file")
+    if not isinstance(payload["format_version"], int) or isinstance(payload["format_version"], bool):
+        raise ValueError(f"{path} is damaged: its format version is {payload['format_version']!r}")
     if payload["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer kdcore (format {payload['format_version']})")
     return get_method_class(payload["method"])._from_payload(payload, device)
