@@ -5,6 +5,11 @@ import ui
 from kdcore.store import StoreError
 
 st.set_page_config(page_title="kdcore · anomaly detection", page_icon=":material/troubleshoot:", layout="wide")
+if ui.login_configured() and not ui.logged_in():  # serving a team: nothing without a login
+    st.title("kdcore")
+    st.write("Log in to review models and images.")
+    st.button("Log in", on_click=st.login, type="primary")
+    st.stop()
 try:
     # On every start and page view: jobs whose worker died are marked failed, waiting jobs get a worker.
     ui.supervise()
@@ -22,4 +27,7 @@ page = st.navigation([
     st.Page("pages/inspect.py", title="Inspect", icon=ui.ICONS["inspect"]),
 ])
 st.sidebar.caption(f"Data: `{ui.get_store().root}`")
+if ui.current_user():
+    st.sidebar.caption(f"Logged in as {ui.current_user()}")
+    st.sidebar.button("Log out", on_click=st.logout)
 page.run()

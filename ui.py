@@ -199,8 +199,29 @@ def model_label(model: Model) -> str:
 
 
 def threshold_label(threshold: dict) -> str:
-    """E.g. "6.813 (percentile 99 of the hold-out normals, set 2026-11-23)"."""
-    return f"{threshold['value']:.4g} ({review.describe_threshold(threshold)}, set {threshold['date'][:10]})"
+    """E.g. "6.813 (percentile 99 of the hold-out normals, set 2026-11-23 by qa@plant.example)"."""
+    by = f" by {threshold['by']}" if threshold.get("by") else ""
+    return f"{threshold['value']:.4g} ({review.describe_threshold(threshold)}, set {threshold['date'][:10]}{by})"
+
+
+# ------------------------------------------------------------------------------------------- login
+def login_configured() -> bool:
+    """Whether ``.streamlit/secrets.toml`` configures Streamlit's OIDC login (an ``[auth]`` section)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file, or an unreadable one: no login configured
+        return False
+
+
+def logged_in() -> bool:
+    return bool(st.user.get("is_logged_in", False))
+
+
+def current_user() -> str | None:
+    """The logged-in user's e-mail (or name), recorded with what they save; None without a login."""
+    if not login_configured() or not logged_in():
+        return None
+    return st.user.get("email") or st.user.get("name")
 
 
 def verdict_badge(verdict: str) -> str:

@@ -216,7 +216,7 @@ def saved_threshold(model: Model) -> float:
 
 
 def save_threshold(store: Store, model: Model, method: "AnomalyMethod", value: float, mode: str,
-                   parameter: float | None) -> dict:
+                   parameter: float | None, by: str | None = None) -> dict:
     """Make ``value`` the model's threshold: in its file (for the CLI) and in the store (for the app).
 
     ``method`` is the loaded model (the app's cached instance, whose threshold is updated with the file).
@@ -224,7 +224,7 @@ def save_threshold(store: Store, model: Model, method: "AnomalyMethod", value: f
     store's older value, never a store value the file lacks.
     """
     with _INFERENCE_LOCK:
-        method.set_threshold(value, mode=mode, parameter=parameter)
+        method.set_threshold(value, mode=mode, parameter=parameter, by=by)
         method.save(store.model_file(model))
         threshold = dict(method.threshold)
     store.set_model_threshold(model.id, threshold)

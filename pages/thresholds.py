@@ -165,7 +165,8 @@ def gallery(model, labelled, threshold) -> None:
 
 def save(model, mode, parameter, threshold) -> None:
     if st.button("Save threshold", type="primary", disabled=threshold == review.saved_threshold(model)):
-        saved = review.save_threshold(store, model, ui.load_method(model), threshold, mode, parameter)
+        saved = review.save_threshold(store, model, ui.load_method(model), threshold, mode, parameter,
+                                     by=ui.current_user())
         st.session_state.threshold_saved = f"Saved for {ui.model_label(model)}: {ui.threshold_label(saved)}."
         st.rerun()
 

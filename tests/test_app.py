@@ -276,3 +276,15 @@ def test_models_page_lists_evaluates_and_deletes(store):
     by_label(at.button, "Yes, delete").click().run()  # the question stays up, so trying again is one click
     assert store.list_models() == [] and not store.model_file(model).exists()
     assert "No trained models yet" in texts(at.info)
+
+
+def test_with_a_login_configured_nothing_shows_before_logging_in(store):
+    dataset_with_images(store)
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+                          "client_id": "kdcore", "client_secret": "s",
+                          "server_metadata_url": "https://login.example/.well-known/openid-configuration"}
+    at.run()
+    assert not at.exception
+    assert [button.label for button in at.button] == ["Log in"]
+    assert "cap" not in str(at.main)  # no dataset, page or data directory shown

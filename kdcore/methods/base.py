@@ -397,12 +397,16 @@ class AnomalyMethod:
         value = calibration.threshold_from_percentile(holdout_scores, DEFAULT_THRESHOLD_PERCENTILE)
         self.set_threshold(value, mode="percentile", parameter=DEFAULT_THRESHOLD_PERCENTILE)
 
-    def set_threshold(self, value: float, mode: str = "score", parameter: float | None = None) -> None:
-        """Set the image threshold (NG iff score > value); ``mode``/``parameter`` record how it was chosen."""
+    def set_threshold(self, value: float, mode: str = "score", parameter: float | None = None,
+                      by: str | None = None) -> None:
+        """Set the image threshold (NG iff score > value); ``mode``/``parameter`` record how it was chosen and
+        ``by`` who chose it (the logged-in user of the app), when known."""
         if not math.isfinite(value):
             raise ValueError(f"threshold must be a finite number, got {value!r}")
         self.threshold = {"value": float(value), "mode": mode, "parameter": parameter,
                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if by:
+            self.threshold["by"] = by
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
