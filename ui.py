@@ -112,7 +112,8 @@ def _job_card(store: Store, job: Job) -> None:
             button.button("Cancel", key=f"cancel_{job.id}", width="stretch", disabled=job.cancel_requested,
                           on_click=store.request_cancel, args=(job.id,))
         if job.status == QUEUED:
-            st.caption(f"Waiting for the worker (queued {when(job.created_at)}).")
+            st.caption(f"Waiting: place {store.queue_position(job)} in the queue of its kind "
+                       f"(queued {when(job.created_at)}).")
         elif job.status == RUNNING:
             _running(store, job)
         elif job.status == DONE:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m kdcore train|evaluate|predict|export|methods``.
+"""Command line: ``python -m kdcore train|evaluate|predict|export|methods``, ``datasets``/``jobs`` on the app's data
+directory (``kdcore.cli_store``) and ``worker``.
 
 Errors the user can act on (bad data, bad parameters, missing files) print one line and exit with status 2.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kdcore import calibration, data, visualize
+from kdcore import calibration, cli_store, data, visualize
 from kdcore import worker as kdcore_worker
 from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
 from kdcore.evaluation import evaluate_model, predict_paths
@@ -43,7 +44,14 @@ def _method_params(args: argparse.Namespace) -> dict:
         params["epochs"] = args.epochs
     if args.batch_size is not None:
         params["batch_size"] = args.batch_size
-    for item in args.set or []:
+    params.update(parse_settings(args.set))
+    return params
+
+
+def parse_settings(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items as parameters; values are JSON where they parse as JSON, else text."""
+    params = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set expects KEY=VALUE, got '{item}'")
@@ -234,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.set_defaults(run=cmd_methods)
+
+    cli_store.add_parsers(sub)
 
     worker = sub.add_parser("worker", help="run the web app's queued training and evaluation jobs")
     kdcore_worker.add_arguments(worker)

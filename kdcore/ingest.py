@@ -71,6 +71,13 @@ class IngestReport:
         self.duplicates += other.duplicates
         self.problems += other.problems
 
+    def renamed(self, prefix: str, replacement: str) -> "IngestReport":
+        """The report with names under the folder ``prefix`` shown under ``replacement`` instead."""
+        def rename(name: str) -> str:
+            return replacement + name[len(prefix):] if name.startswith(prefix) else name
+        return IngestReport([rename(n) for n in self.added], [(rename(n), d) for n, d in self.duplicates],
+                            [(rename(n), r) for n, r in self.problems])
+
     def summary(self) -> str:
         parts = [f"{len(self.added)} image(s) added"]
         if self.duplicates:
@@ -96,8 +103,17 @@ def from_uploads(uploads: Iterable[tuple[str, bytes]]) -> list[SourceFile]:
 
 
 def _zip_members(zip_name: str, content: bytes) -> list[SourceFile]:
+    archive, infos = _open_checked_zip(zip_name, io.BytesIO(content))
+    return [SourceFile(f"{zip_name}/{info.filename}", lambda info=info: archive.open(info)) for info in infos]
+
+
+def _open_checked_zip(zip_name: str, file: BinaryIO) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """The zip and its file members (directories and system files left out), once it passed every check.
+
+    Raises RejectedUpload for an unreadable, unsafe or oversized zip, judged from its directory alone.
+    """
     try:
-        archive = zipfile.ZipFile(io.BytesIO(content))
+        archive = zipfile.ZipFile(file)
         infos = archive.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise RejectedUpload(f"{zip_name} is not a readable zip file ({exc})") from exc
@@ -121,8 +137,7 @@ def _zip_members(zip_name: str, content: bytes) -> list[SourceFile]:
             raise RejectedUpload(f"{zip_name}: '{info.filename}' unpacks to {info.file_size / 1024**2:.0f} MiB from "
                                  f"{info.compress_size / 1024:.0f} KiB (over {max_ratio}x); no image compresses like "
                                  "that, so the zip was refused (KDCORE_MAX_ZIP_RATIO raises the cap)")
-    return [SourceFile(f"{zip_name}/{info.filename}", lambda info=info: archive.open(info))
-            for info in infos if not info.is_dir() and not _is_system_file(info.filename)]
+    return archive, [info for info in infos if not info.is_dir() and not _is_system_file(info.filename)]
 
 
 def _cap(name: str, default: int) -> int:
@@ -241,6 +256,36 @@ def import_folder(store: Store, dataset_id: int, folder: str | Path, roots: Sequ
         except RejectedUpload as exc:  # one unusable folder must not hide what the others add
             report.problems.append((f"{_printable(str(defect_dir))}/", str(exc)))
     return report
+
+
+def import_zip(store: Store, dataset_id: int, zip_path: str | Path) -> IngestReport:
+    """Import a zip of what ``import_folder`` takes (an MVTec-layout folder or plain normal images), also when
+    everything sits in one top folder inside the zip. Checked as an upload is, then unpacked under ``tmp/``."""
+    zip_path = Path(zip_path).expanduser()
+    if not zip_path.is_file():
+        raise RejectedUpload(f"no such zip file: {zip_path}")
+    staging = store.make_tmp_dir("unzip-")
+    try:
+        with open(zip_path, "rb") as fh:
+            archive, infos = _open_checked_zip(zip_path.name, fh)
+            unpacked = staging / "unpacked"
+            for info in infos:  # member paths were checked: no absolute paths, no '..'
+                target = unpacked / PurePosixPath(info.filename.replace("\\", "/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        root = unpacked
+        while root.is_dir() and len(entries := list(root.iterdir())) == 1 and entries[0].is_dir() \
+                and not (root / "train").is_dir():
+            root = entries[0]
+        if not root.is_dir():
+            raise RejectedUpload(f"{zip_path.name} holds no files")
+        report = import_folder(store, dataset_id, root)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RejectedUpload(f"{zip_path.name} cannot be unpacked ({exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report.renamed(str(unpacked), zip_path.name)
 
 
 def _merge(first: IngestReport, second: IngestReport) -> IngestReport:

@@ -36,6 +36,11 @@ def create_method(name: str, **params) -> "AnomalyMethod":
     return get_method_class(name)(**params)
 
 
+def check_params(name: str, params: dict) -> None:
+    """Validate ``params`` for method ``name`` without building it (what queueing a job checks first)."""
+    get_method_class(name).make_config(params)
+
+
 def _import_builtin_methods() -> None:
     # Imported lazily so that `import kdcore` stays cheap and free of import cycles.
     import kdcore.methods  # noqa: F401  (each module registers itself on import)

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -49,6 +50,9 @@ GOOD = "good"
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_STATUSES = (QUEUED, RUNNING)
 TRAIN, EVALUATE, EXPORT = "train", "evaluate", "export"
+# Trainings take minutes to hours, evaluations and exports seconds to a minute: the worker runs one job of each
+# lane at a time, so a short job never waits behind a long one.
+LANES = {"training": (TRAIN,), "short": (EVALUATE, EXPORT)}
 # A running job whose worker has not written a heartbeat for this long is considered dead (e.g. a frozen
 # process, or a worker on another machine sharing the directory, where the lock cannot tell).
 STALE_HEARTBEAT_SECONDS = 120.0
@@ -118,7 +122,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat_at REAL,
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    executor TEXT,               -- what ran it: 'local' (the worker's own process)
+    node TEXT                    -- the machine it ran on
 );
 CREATE TABLE IF NOT EXISTS job_points (
     job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -235,6 +241,8 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    executor: str | None
+    node: str | None
 
     @property
     def active(self) -> bool:
@@ -289,9 +297,9 @@ def default_data_dir() -> Path:
 
 
 # The layout version of kdcore.sqlite3 (SQLite's user_version): 0 is a database written before versions were
-# kept, 1 adds export jobs, 2 the store identity (meta). A newer database than this code knows is refused
-# rather than misread.
-SCHEMA_VERSION = 2
+# kept, 1 adds export jobs, 2 the store identity (meta), 3 each job's executor and node. A newer database than
+# this code knows is refused rather than misread.
+SCHEMA_VERSION = 3
 IDENTITY_FILE = "kdcore-store-id"
 DATABASE_FILE = "kdcore.sqlite3"
 
@@ -311,9 +319,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
             # SQLite cannot alter a CHECK constraint: copy the table under today's definition (same columns).
             today = re.search(r"CREATE TABLE IF NOT EXISTS jobs \(.*?\n\);", _SCHEMA, re.S).group(0)
             conn.execute(today.replace("IF NOT EXISTS jobs", "jobs_migrated"))
-            conn.execute("INSERT INTO jobs_migrated SELECT * FROM jobs")
+            columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(jobs)"))
+            conn.execute(f"INSERT INTO jobs_migrated ({columns}) SELECT {columns} FROM jobs")
             conn.execute("DROP TABLE jobs")
             conn.execute("ALTER TABLE jobs_migrated RENAME TO jobs")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for column in ("executor", "node"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -429,6 +442,18 @@ class Store:
     def model_file(self, model: Model) -> Path:
         return self.root / model.path
 
+    def evaluation_blocker(self, model: Model) -> str | None:
+        """Why the model cannot be evaluated now (the pages and the CLI say the same), or None."""
+        if model.dataset_id is None:
+            return f"Its dataset '{model.dataset_name}' was deleted."
+        counts = self.dataset_counts(model.dataset_id)
+        n_good = counts.get(("test", GOOD), 0)
+        n_defect = sum(n for (split, defect), n in counts.items() if split == "test" and defect != GOOD)
+        if not n_good or not n_defect:
+            return ("Evaluation needs labelled test images, both good and defective "
+                    f"(the dataset has {n_good} good and {n_defect} defective): add them on the Datasets page.")
+        return None
+
     def bundle_file(self, model: Model) -> Path:
         """The model's export bundle as a zip, once an export job has written it."""
         return self.root / "bundles" / f"model-{model.id}.zip"
@@ -465,6 +490,13 @@ class Store:
         rows = self._query("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
         if not rows:
             raise StoreError(f"dataset {dataset_id} does not exist (deleted?)")
+        return _record(Dataset, rows[0])
+
+    def get_dataset_by_name(self, name: str) -> Dataset:
+        rows = self._query("SELECT * FROM datasets WHERE name = ?", (" ".join(name.split()),))
+        if not rows:
+            known = ", ".join(f"'{d.name}'" for d in self.list_datasets()) or "none yet"
+            raise StoreError(f"no dataset named '{name}' (datasets: {known})")
         return _record(Dataset, rows[0])
 
     def list_datasets(self) -> list[Dataset]:
@@ -622,16 +654,29 @@ class Store:
     def has_queued_jobs(self) -> bool:
         return bool(self._query("SELECT 1 FROM jobs WHERE status = ? LIMIT 1", (QUEUED,)))
 
-    def claim_next_job(self, worker_pid: int) -> Job | None:
-        """Mark the oldest queued job running for this worker and return it (None when the queue is empty)."""
+    def claim_next_job(self, worker_pid: int, executor: str = "local", node: str | None = None,
+                       kinds: Sequence[str] | None = None) -> Job | None:
+        """Mark the oldest queued job (of ``kinds``, default any) running for this worker and return it (None
+        when there is none)."""
+        kinds = tuple(kinds or (TRAIN, EVALUATE, EXPORT))
         with self._connect() as conn:
-            row = conn.execute("SELECT id FROM jobs WHERE status = ? ORDER BY id LIMIT 1", (QUEUED,)).fetchone()
+            row = conn.execute(f"SELECT id FROM jobs WHERE status = ? AND kind IN ({','.join('?' * len(kinds))}) "
+                               "ORDER BY id LIMIT 1", (QUEUED, *kinds)).fetchone()
             if row is None:
                 return None
             now = time.time()
             conn.execute("UPDATE jobs SET status = ?, stage = 'starting', worker_pid = ?, started_at = ?, "
-                         "heartbeat_at = ? WHERE id = ?", (RUNNING, worker_pid, now, now, row["id"]))
+                         "heartbeat_at = ?, executor = ?, node = ? WHERE id = ?",
+                         (RUNNING, worker_pid, now, now, executor, node or socket.gethostname(), row["id"]))
         return self.get_job(row["id"])
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job of its lane (``LANES``) to run, 2 for the one after, ...; None when not waiting."""
+        if job.status != QUEUED:
+            return None
+        kinds = next(kinds for kinds in LANES.values() if job.kind in kinds)
+        return self._query(f"SELECT COUNT(*) FROM jobs WHERE status = ? AND id <= ? AND "
+                           f"kind IN ({','.join('?' * len(kinds))})", (QUEUED, job.id, *kinds))[0][0]
 
     def report_progress(self, job_id: int, points: Sequence[dict] = (), **fields) -> None:
         """Update a running job's progress columns (stage, progress, epoch, ...) and append loss-curve points."""

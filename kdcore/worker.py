@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from kdcore.store import (CANCELLED, DATABASE_FILE, DONE, EVALUATE, EXPORT, FAILED, TRAIN, Job, Store, StoreError,
-                          default_data_dir)
+from kdcore.store import (CANCELLED, DATABASE_FILE, DONE, EVALUATE, EXPORT, FAILED, LANES, TRAIN, Job, Store,
+                          StoreError, default_data_dir)
 
 POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
 REPORT_SECONDS = 1.0  # progress is written, and the cancel flag read, at most this often
@@ -58,16 +58,31 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
         store.clean_tmp()
         logger.info("worker %d serving %s", pid, store.root)
         jobs_run, idle_since = 0, time.monotonic()
-        while True:
-            job = store.claim_next_job(pid)
-            if job is not None:
-                run_job(store, job)
-                jobs_run, idle_since = jobs_run + 1, time.monotonic()
-            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
-                logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
-                return jobs_run
-            else:
+        running: dict[str, tuple[threading.Thread, Job]] = {}  # lane -> its job, run in a thread
+        try:
+            while True:
+                for lane, kinds in LANES.items():
+                    if lane in running and running[lane][0].is_alive():
+                        continue
+                    job = store.claim_next_job(pid, kinds=kinds)
+                    running.pop(lane, None)
+                    if job is not None:
+                        # Daemon: a stopped worker exits at once; its jobs were marked failed below.
+                        thread = threading.Thread(target=run_job, args=(store, job), name=f"job-{job.id}", daemon=True)
+                        thread.start()
+                        running[lane] = (thread, job)
+                        jobs_run += 1
+                if any(thread.is_alive() for thread, _ in running.values()):
+                    idle_since = time.monotonic()
+                elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
+                    logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+                    return jobs_run
                 time.sleep(POLL_SECONDS)
+        except BaseException as exc:  # stopped (signal, Ctrl-C): its running jobs end failed, with the reason
+            for thread, job in running.values():
+                if thread.is_alive():
+                    store.finish_job(job.id, FAILED, _describe(exc))
+            raise
 
 
 def run_job(store: Store, job: Job) -> None:
@@ -91,7 +106,7 @@ def run_job(store: Store, job: Job) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, WorkerStopped):
+    if isinstance(exc, (WorkerStopped, KeyboardInterrupt)):
         return "the worker process was stopped while the job was running"
     if isinstance(exc, (ValueError, FileNotFoundError)):  # DataError and bad parameters: the message says it all
         return str(exc)

@@ -6,7 +6,7 @@ import zipfile
 import streamlit as st
 
 import ui
-from kdcore.store import EVALUATE, EXPORT, GOOD, Model, StoreError
+from kdcore.store import EVALUATE, EXPORT, Model, StoreError
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO",
            "f1_max": "image F1-max",
@@ -43,19 +43,6 @@ def models_table(models: list[Model]) -> None:
         st.caption("Test metrics appear here once a model is evaluated on labelled test images.")
 
 
-def evaluation_blocker(model: Model) -> str | None:
-    """Why the model cannot be evaluated now, or None."""
-    if model.dataset_id is None:
-        return f"Its dataset '{model.dataset_name}' was deleted."
-    counts = store.dataset_counts(model.dataset_id)
-    n_good = counts.get(("test", GOOD), 0)
-    n_defect = sum(n for (split, defect), n in counts.items() if split == "test" and defect != GOOD)
-    if not n_good or not n_defect:
-        return ("Evaluation needs labelled test images, both good and defective "
-                f"(the dataset has {n_good} good and {n_defect} defective): add them on the Datasets page.")
-    return None
-
-
 def details(model: Model) -> None:
     n_holdout = model.calibration["n"]
     if n_holdout < 10:
@@ -75,7 +62,7 @@ def details(model: Model) -> None:
 
 
 def actions(model: Model) -> None:
-    blocker = evaluation_blocker(model)
+    blocker = store.evaluation_blocker(model)
     if blocker:
         st.caption(blocker)
     if st.button("Evaluate on the test split", disabled=blocker is not None, type="primary"):

@@ -238,3 +238,32 @@ def test_a_newer_database_layout_is_refused(store):
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreError, match="newer than this kdcore"):
         Store(store.root)
+
+
+def test_a_database_of_an_older_kdcore_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from kdcore import store as store_module
+
+    # The layout before versions were kept: no export jobs, no executor/node, no identity.
+    old_schema = (store_module._SCHEMA.replace("'evaluate', 'export'", "'evaluate'")
+                  .replace("    finished_at REAL,\n    executor TEXT,               -- what ran it: 'local' (the worker's own "
+                           "process)\n    node TEXT                    -- the machine it ran on\n", "    finished_at REAL\n"))
+    assert "executor" not in old_schema
+    root = tmp_path / "old"
+    (root / "datasets" / "1" / "train" / "good").mkdir(parents=True)
+    with sqlite3.connect(root / "kdcore.sqlite3") as conn:
+        conn.executescript(old_schema)
+        conn.execute("INSERT INTO datasets (name, created_at) VALUES ('cap', 1)")
+        conn.execute("INSERT INTO jobs (kind, status, dataset_id, dataset_name, method, params, created_at) "
+                     "VALUES ('train', 'done', 1, 'cap', 'rd', '{}', 1)")
+        conn.execute("INSERT INTO job_points (job_id, step, epoch, elapsed_seconds) VALUES (1, 1, 1, 0.5)")
+    store = Store(root)
+    (job,) = store.list_jobs()
+    assert (job.kind, job.status, job.executor) == ("train", "done", None)
+    assert len(store.job_points(job.id)) == 1
+    assert store.enqueue_job("export", "rd", {}, 1).kind == "export"
+    assert (root / "kdcore-store-id").read_text().strip() == store.id
+    with sqlite3.connect(root / "kdcore.sqlite3") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []

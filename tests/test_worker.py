@@ -105,6 +105,23 @@ def test_cancel_stops_a_running_job_without_a_model(trained):
     assert models_snapshot(store) == before
 
 
+def test_an_evaluation_does_not_wait_behind_a_training(trained):
+    store, dataset, first = trained
+    training = store.enqueue_job(TRAIN, "stpm", LONG, dataset.id)
+    evaluation = store.enqueue_job(EVALUATE, "stpm", {}, dataset.id, model_id=first.model_id)
+    assert store.queue_position(store.get_job(evaluation.id)) == 1  # first of its kind, though queued second
+    thread = threading.Thread(target=worker.run_worker, args=(store.root, 0))
+    thread.start()
+    try:
+        wait_for(lambda: store.get_job(evaluation.id).status == DONE, what="the evaluation to finish")
+        assert store.get_job(training.id).status == RUNNING  # ...while the training still runs
+        assert store.get_job(evaluation.id).executor == "local" and store.get_job(evaluation.id).node
+    finally:
+        store.request_cancel(training.id)
+        thread.join(timeout=90)
+    assert store.get_job(training.id).status == CANCELLED
+
+
 def test_a_queued_job_cancelled_never_runs(trained):
     store, dataset, _ = trained
     job = store.enqueue_job(TRAIN, "stpm", TINY, dataset.id)

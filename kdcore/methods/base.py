@@ -175,11 +175,7 @@ class AnomalyMethod:
     default_epochs: ClassVar[dict[str, int]] = {"cpu": 10, "cuda": 100}
 
     def __init__(self, **params):
-        valid = {f.name for f in dataclasses.fields(self.Config)}
-        unknown = sorted(set(params) - valid)
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for method '{self.name}'; valid: {sorted(valid)}")
-        self.config = self.Config(**params)
+        self.config = self.make_config(params)
         self.device = resolve_device(self.config.device)
         if self.config.epochs is None:
             self.config.epochs = self.default_epochs.get(self.device.type, self.default_epochs["cpu"])
@@ -191,6 +187,15 @@ class AnomalyMethod:
         self.map_offset: torch.Tensor | None = None  # S×S, with ``map_normalization="position"``
         self.map_scale = 1.0
         self._mean = self._std = None
+
+    @classmethod
+    def make_config(cls, params: dict) -> MethodConfig:
+        """The validated config; unknown names and bad values raise ValueError."""
+        valid = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for method '{cls.name}'; valid: {sorted(valid)}")
+        return cls.Config(**params)
 
     # ----------------------------------------------------------------- subclass hooks
     def build_network(self, backbone: Backbone) -> nn.Module:
