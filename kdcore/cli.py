@@ -6,7 +6,6 @@ Errors the user can act on (bad data, bad parameters, missing files) print one l
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import signal
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kdcore import calibration, cli_store, data, visualize
+from kdcore import calibration, cli_store, data, verdicts, visualize
 from kdcore import worker as kdcore_worker
 from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
 from kdcore.evaluation import evaluate_model, predict_paths
@@ -159,20 +158,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("no readable images among the given paths")
     with tqdm(total=len(paths), unit="img", disable=args.quiet) as bar:
         maps, scores = predict_paths(method, paths, on_chunk=lambda done: bar.update(done - bar.n))
-    threshold = method.threshold["value"]
-    rows = [(str(p), float(s), "NG" if s > threshold else "OK") for p, s in zip(paths, scores)]
-    if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "score", "verdict"])
-            writer.writerows(rows)
-    else:
-        for path, score, verdict in rows:
-            print(f"{verdict}  {score:.5g}  {path}")
+    verdicts.report(paths, scores, method.threshold["value"], args.csv, f" ({method.threshold['mode']})")
     if args.heatmaps:
         _write_heatmaps(method, paths, maps, Path(args.heatmaps))
-    n_ng = sum(row[2] == "NG" for row in rows)
-    print(f"{len(rows)} images, {n_ng} NG at threshold {threshold:.5g} ({method.threshold['mode']})", file=sys.stderr)
     return 0
 
 

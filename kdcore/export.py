@@ -4,8 +4,8 @@ A bundle folder holds ``model.onnx`` (uint8 RGB images and their content boxes i
 image scores out, normalisation and hold-out map normalisation inside the graph), ``manifest.json``
 (preprocessing, threshold and verdict rule, calibration, identities and versions), ``parity.npz`` with the
 ``parity/`` images it came from (what the torch model produced, for ``predict.py --check``), the standalone
-``predict.py`` with its two helper modules (kdcore's own ``imaging`` and ``visualize``, copied, so the images are
-prepared by the same code that trained the model), a ``README.md`` and a ``requirements.txt``.
+``predict.py`` with its helper modules (kdcore's own ``imaging``, ``visualize`` and ``verdicts``, copied, so the
+images are prepared by the same code that trained the model and judged by the same rule), a ``README.md`` and a ``requirements.txt``.
 
 The threshold stays outside the graph: QA can change it in the manifest (or with ``--threshold``) without
 exporting again. Every export is checked with onnxruntime against the torch model before it is written.
@@ -115,7 +115,8 @@ def _write_bundle(method: AnomalyMethod, model_path: Path, folder: Path, batch: 
                         boxes=boxes.astype(np.int64), maps=maps.astype(np.float32), scores=scores.astype(np.float32))
     shutil.copyfile(_BUNDLE_FILES / "predict.py", folder / "predict.py")
     shutil.copyfile(Path(data.__file__).with_name("imaging.py"), folder / "kdcore_imaging.py")
-    shutil.copyfile(Path(data.__file__).with_name("visualize.py"), folder / "kdcore_visualize.py")
+    for module in ("visualize", "verdicts"):
+        shutil.copyfile(Path(data.__file__).with_name(f"{module}.py"), folder / f"kdcore_{module}.py")
     manifest = build_manifest(method, model_path, graph_path, batch)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "requirements.txt").write_text("".join(f"{name}=={_version(name)}\n"

@@ -29,11 +29,11 @@ from PIL import Image
 
 from kdcore import calibration, data, ingest, visualize
 from kdcore.store import GOOD, Inspection, Model, Store
+from kdcore.verdicts import NG, OK, verdict  # noqa: F401 - the pages use review.NG/OK/verdict
 
 if TYPE_CHECKING:
     from kdcore.methods.base import AnomalyMethod
 
-OK, NG = "OK", "NG"
 QA_MARKS = ("correct", "wrong")
 NORMAL, DEFECTIVE = 0, 1
 GT_COLOR = (255, 0, 255)  # ground-truth outline: magenta is not in the heatmap's colour scale
@@ -294,10 +294,6 @@ def png_data_url(picture: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def verdict(score: float, threshold: float) -> str:
-    return NG if score > threshold else OK
 
 
 # ------------------------------------------------------------------------------------------- labelled sets

@@ -10,7 +10,6 @@ exits 1 on a mismatch; with no images it only checks. Errors print one line and 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import sys
@@ -22,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import kdcore_imaging as imaging  # noqa: E402 - the bundle's own copy, found next to this script
+import kdcore_verdicts as verdicts  # noqa: E402
 import kdcore_visualize as visualize  # noqa: E402
 
 SUPPORTED_FORMAT = 1
@@ -157,19 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             raise BundleError("give image files or folders (or --check)")
         threshold = bundle.manifest["threshold"]["value"] if args.threshold is None else args.threshold
         paths, maps, scores = score_images(bundle, expand(args.paths, bundle.extensions))
-        rows = [(str(p), float(s), "NG" if s > threshold else "OK") for p, s in zip(paths, scores)]
-        if args.csv:
-            with open(args.csv, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["path", "score", "verdict"])
-                writer.writerows(rows)
-        else:
-            for path, score, verdict in rows:
-                print(f"{verdict}  {score:.5g}  {path}")
+        verdicts.report(paths, scores, threshold, args.csv)
         if args.heatmaps:
             write_heatmaps(bundle, paths, maps, threshold, Path(args.heatmaps))
-        n_ng = sum(row[2] == "NG" for row in rows)
-        print(f"{len(rows)} images, {n_ng} NG at threshold {threshold:.5g}", file=sys.stderr)
         return 0
     except (BundleError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
