@@ -111,6 +111,8 @@ def _job_card(store: Store, job: Job) -> None:
             # A callback runs before the rerun it triggers, so this very rerun already shows the cancellation.
             button.button("Cancel", key=f"cancel_{job.id}", width="stretch", disabled=job.cancel_requested,
                           on_click=store.request_cancel, args=(job.id,))
+        if job.executor:
+            st.caption(f"Runs on: {job.executor}" + (f" · node {job.node}" if job.node else ""))
         if job.status == QUEUED:
             st.caption(f"Waiting: place {store.queue_position(job)} in the queue of its kind "
                        f"(queued {when(job.created_at)}).")

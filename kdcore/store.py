@@ -667,7 +667,8 @@ class Store:
             now = time.time()
             conn.execute("UPDATE jobs SET status = ?, stage = 'starting', worker_pid = ?, started_at = ?, "
                          "heartbeat_at = ?, executor = ?, node = ? WHERE id = ?",
-                         (RUNNING, worker_pid, now, now, executor, node or socket.gethostname(), row["id"]))
+                         (RUNNING, worker_pid, now, now, executor,
+                          socket.gethostname() if node is None else node, row["id"]))
         return self.get_job(row["id"])
 
     def queue_position(self, job: Job) -> int | None:
@@ -680,7 +681,7 @@ class Store:
 
     def report_progress(self, job_id: int, points: Sequence[dict] = (), **fields) -> None:
         """Update a running job's progress columns (stage, progress, epoch, ...) and append loss-curve points."""
-        allowed = {"stage", "progress", "epoch", "epochs", "loss", "eta_seconds"}
+        allowed = {"stage", "progress", "epoch", "epochs", "loss", "eta_seconds", "node"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"not progress fields: {sorted(unknown)}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import signal
@@ -24,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
+from kdcore import jobs
 from kdcore.store import (CANCELLED, DATABASE_FILE, DONE, EVALUATE, EXPORT, FAILED, LANES, TRAIN, Job, Store,
                           StoreError, default_data_dir)
 
 POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
-REPORT_SECONDS = 1.0  # progress is written, and the cancel flag read, at most this often
 HEARTBEAT_SECONDS = 5.0
 APP_WORKER_IDLE_EXIT_SECONDS = 600.0  # a worker the app started frees its memory after 10 idle minutes
 AUTOSTART_ENV = "KDCORE_WORKER_AUTOSTART"  # "0": the app never starts a worker (tests; a managed worker)
@@ -42,9 +41,12 @@ class WorkerStopped(BaseException):
 
 
 # ------------------------------------------------------------------------------------------- the worker loop
-def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | None = None) -> int:
+def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | None = None,
+               ray_address: str | None = None, max_parallel: int | None = None) -> int:
     """Run queued jobs until idle for ``idle_exit_seconds`` (None: forever; 0: until the queue is empty).
 
+    With ``ray_address`` (``"local"``: a Ray of its own on this machine) the jobs run as Ray tasks, up to
+    ``max_parallel`` at once (default: the cluster's CPUs); otherwise in this process, one per lane.
     Returns the number of jobs run; 0 at once if another worker already serves this data directory.
     """
     store = Store(data_dir)
@@ -57,6 +59,8 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
             logger.warning("job %d was left running by a worker that is gone; marked failed", job.id)
         store.clean_tmp()
         logger.info("worker %d serving %s", pid, store.root)
+        if ray_address:
+            return _serve_on_ray(store, pid, idle_exit_seconds, ray_address, max_parallel)
         jobs_run, idle_since = 0, time.monotonic()
         running: dict[str, tuple[threading.Thread, Job]] = {}  # lane -> its job, run in a thread
         try:
@@ -85,6 +89,39 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
             raise
 
 
+def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, address: str,
+                  max_parallel: int | None) -> int:
+    from kdcore import ray_executor
+
+    ray_executor.connect(address)
+    executor = ray_executor.RayExecutor(store, max_parallel)
+    logger.info("running jobs on Ray at %s, up to %d at once", address, executor.max_parallel)
+    jobs_run, idle_since = 0, time.monotonic()
+    try:
+        while True:
+            while executor.has_room() and (job := store.claim_next_job(pid, executor="ray", node="")) is not None:
+                jobs_run += 1
+                log = _job_logger(store, job.id)
+                log.info("job %d: %s %s on dataset '%s' with %s", job.id, job.kind, job.method, job.dataset_name,
+                         job.params)
+                try:
+                    executor.start(job, log)
+                except Exception as exc:  # noqa: BLE001 - e.g. its dataset was deleted: the job fails, not the worker
+                    log.exception("job %d could not start", job.id)
+                    store.finish_job(job.id, FAILED, _describe(exc))
+                    close_job_logger(log)
+            executor.poll()
+            if executor.running:
+                idle_since = time.monotonic()
+            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
+                logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+                return jobs_run
+            time.sleep(POLL_SECONDS)
+    except BaseException as exc:
+        executor.stop_all(_describe(exc))
+        raise
+
+
 def run_job(store: Store, job: Job) -> None:
     """Run one claimed job to its end; every outcome, including a crash, is recorded in the store."""
     log = _job_logger(store, job.id)
@@ -100,9 +137,13 @@ def run_job(store: Store, job: Job) -> None:
             raise
     finally:
         heartbeat.stop()
-        for handler in list(log.handlers):
-            handler.close()
-            log.removeHandler(handler)
+        close_job_logger(log)
+
+
+def close_job_logger(log: logging.Logger) -> None:
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
 
 
 def _describe(exc: BaseException) -> str:
@@ -114,81 +155,78 @@ def _describe(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the jobs
-def _train(store: Store, job: Job, log: logging.Logger) -> None:
-    from kdcore import create_method, data
+class StoreEvents:
+    """``kdcore.jobs.JobEvents`` of a job run by this process: straight into the store."""
 
-    dataset = data.load_dataset(store.dataset_dir(_require_dataset(job)))
-    log.info(dataset.summary())
-    for path, reason in dataset.skipped:
-        log.warning("skipped %s: %s", path, reason)
-    method = create_method(job.method, **job.params)
-    store.report_progress(job.id, stage="reading images")
-    reporter = _TrainReporter(store, job.id, log)
-    method.fit(dataset, progress=reporter.progress, should_stop=reporter.should_stop)
-    if reporter.cancelled or store.cancel_requested(job.id):
-        store.finish_job(job.id, CANCELLED, "cancelled; no model was saved")
-        log.info("cancelled after %d step(s); no model saved", method.training_info["steps"])
-        return
-    store.report_progress(job.id, stage="saving model")
+    def __init__(self, store: Store, job_id: int, log: logging.Logger):
+        self.store, self.job_id, self.log = store, job_id, log
+
+    def report(self, points=(), **fields) -> None:
+        self.store.report_progress(self.job_id, points, **fields)
+
+    def cancel_requested(self) -> bool:
+        return self.store.cancel_requested(self.job_id)
+
+
+def _train(store: Store, job: Job, log: logging.Logger) -> None:
     staging = store.make_tmp_dir(f"job-{job.id}-")
     try:
-        staged = method.save(staging / "model.pt")
-        model = store.register_model(job.id, staged, {
-            "method": method.name, "params": job.params, "teacher_weights": method.teacher_weights.as_dict(),
-            "training": method.training_info, "calibration": method.calibration, "threshold": method.threshold,
-        })
+        trained = jobs.train(store.dataset_dir(_require_dataset(job)), job.method, job.params, staging,
+                             StoreEvents(store, job.id, log))
+        record_training(store, job, trained, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if model is None:
-        log.warning("job %d was ended meanwhile (cancelled or declared dead): model discarded", job.id)
-    else:
-        log.info("model %d saved: %.1f s of training, best epoch %d", model.id,
-                 method.training_info["seconds"], method.training_info["best_epoch"])
 
 
 def _evaluate(store: Store, job: Job, log: logging.Logger) -> None:
-    from kdcore import data, load
-    from kdcore.evaluation import evaluate_model
-
-    if job.model_id is None:
-        raise ValueError("the model to evaluate was deleted")
-    model = store.get_model(job.model_id)
-    method = load(store.model_file(model))
-    dataset = data.load_dataset(store.dataset_dir(_require_dataset(job)))
-    log.info(dataset.summary())
-    store.report_progress(job.id, stage="scoring test images")
-    total = max(1, len(dataset.test))
-    metrics = evaluate_model(method, dataset,
-                             on_chunk=lambda done: store.report_progress(job.id, progress=done / total))
-    store.set_model_metrics(model.id, {**metrics, "evaluated_at": time.time(), "job_id": job.id})
-    store.finish_job(job.id, DONE, f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images")
-    log.info("metrics: %s", metrics)
+    model = _require_model(store, job)
+    metrics = jobs.evaluate(store.dataset_dir(_require_dataset(job)), store.model_file(model),
+                            StoreEvents(store, job.id, log))
+    record_metrics(store, job, metrics)
 
 
 def _export(store: Store, job: Job, log: logging.Logger) -> None:
-    from kdcore.export import export_bundle
-
-    if job.model_id is None:
-        raise ValueError("the model to export was deleted")
-    model = store.get_model(job.model_id)
-    store.report_progress(job.id, stage="exporting to ONNX and checking it with onnxruntime")
+    model = _require_model(store, job)
     staging = store.make_tmp_dir(f"job-{job.id}-")
     try:
         # The threshold QA saved, which may differ from the one in the model file.
-        folder = export_bundle(store.model_file(model), staging / "bundle", threshold=model.threshold)
-        store.report_progress(job.id, stage="zipping the bundle")
-        archive = shutil.make_archive(str(staging / "bundle"), "zip", root_dir=folder)
-        target = store.bundle_file(model)
-        target.parent.mkdir(exist_ok=True)
-        os.replace(archive, target)
+        archive = jobs.export(store.model_file(model), model.threshold, staging, StoreEvents(store, job.id, log))
+        record_bundle(store, job, archive, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    size_mb = target.stat().st_size / 1e6
-    store.finish_job(job.id, DONE, f"bundle ready ({size_mb:.1f} MB) at threshold {model.threshold['value']:.4g}")
-    log.info("bundle of model %d written to %s", model.id, target)
 
 
 _JOBS = {TRAIN: _train, EVALUATE: _evaluate, EXPORT: _export}
+
+
+# Recording outcomes: the same for jobs run here and on a Ray cluster.
+def record_training(store: Store, job: Job, trained: "jobs.TrainedModel | None", log: logging.Logger) -> None:
+    """Register the trained model (its file is moved into ``models/``), or finish the job as cancelled."""
+    if trained is None:
+        store.finish_job(job.id, CANCELLED, "cancelled; no model was saved")
+        return
+    model = store.register_model(job.id, trained.file, trained.record)
+    if model is None:
+        log.warning("job %d was ended meanwhile (cancelled or declared dead): model discarded", job.id)
+    else:
+        training = trained.record["training"]
+        log.info("model %d saved: %.1f s of training, best epoch %d", model.id, training["seconds"],
+                 training["best_epoch"])
+
+
+def record_metrics(store: Store, job: Job, metrics: dict) -> None:
+    store.set_model_metrics(job.model_id, {**metrics, "evaluated_at": time.time(), "job_id": job.id})
+    store.finish_job(job.id, DONE, f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images")
+
+
+def record_bundle(store: Store, job: Job, archive: Path, log: logging.Logger) -> None:
+    model = store.get_model(job.model_id)
+    target = store.bundle_file(model)
+    target.parent.mkdir(exist_ok=True)
+    os.replace(archive, target)
+    size_mb = target.stat().st_size / 1e6
+    store.finish_job(job.id, DONE, f"bundle ready ({size_mb:.1f} MB) at threshold {model.threshold['value']:.4g}")
+    log.info("bundle of model %d written to %s", model.id, target)
 
 
 def _require_dataset(job: Job) -> int:
@@ -197,37 +235,10 @@ def _require_dataset(job: Job) -> int:
     return job.dataset_id
 
 
-class _TrainReporter:
-    """``fit``'s progress and should_stop callbacks, writing to the store at most every REPORT_SECONDS."""
-
-    def __init__(self, store: Store, job_id: int, log: logging.Logger):
-        self.store, self.job_id, self.log = store, job_id, log
-        self.points: list[dict] = []
-        self.cancelled = False
-        self._last_report = self._last_cancel_check = 0.0
-
-    def progress(self, p) -> None:  # p: kdcore.TrainProgress
-        self.points.append({"step": p.step, "epoch": p.epoch, "loss": p.loss, "holdout_score": p.holdout_score,
-                            "elapsed_seconds": p.elapsed_seconds})
-        end_of_epoch = p.holdout_score is not None
-        if end_of_epoch:
-            self.log.info("epoch %d/%d: loss %.4g, mean hold-out score %.4g (%.0f s)",
-                          p.epoch, p.epochs, p.loss, p.holdout_score, p.elapsed_seconds)
-        if end_of_epoch or p.step == p.total_steps or time.monotonic() - self._last_report >= REPORT_SECONDS:
-            # NaN (no estimate yet) is stored as NULL by SQLite, which the pages show as "unknown".
-            eta = p.eta_seconds if math.isfinite(p.eta_seconds) else None
-            self.store.report_progress(self.job_id, self.points, stage="training", progress=p.step / p.total_steps,
-                                       epoch=p.epoch, epochs=p.epochs, loss=p.loss, eta_seconds=eta)
-            self.points = []
-            self._last_report = time.monotonic()
-
-    def should_stop(self) -> bool:
-        if not self.cancelled and time.monotonic() - self._last_cancel_check >= REPORT_SECONDS:
-            self.cancelled = self.store.cancel_requested(self.job_id)
-            self._last_cancel_check = time.monotonic()
-            if self.cancelled:
-                self.log.info("cancel requested: stopping")
-        return self.cancelled
+def _require_model(store: Store, job: Job):
+    if job.model_id is None:
+        raise ValueError(f"the model to {job.kind} was deleted")
+    return store.get_model(job.model_id)
 
 
 class _Heartbeat(threading.Thread):
@@ -300,6 +311,11 @@ def start_worker_process(store: Store) -> subprocess.Popen:
 # ------------------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="the app's data directory (default: $KDCORE_DATA_DIR or ./kdcore_data)")
+    parser.add_argument("--ray", metavar="ADDRESS", default=os.environ.get("KDCORE_RAY_ADDRESS"),
+                        help="run jobs as tasks on the Ray cluster at ADDRESS ('local': start a Ray on this machine, "
+                             "loopback only); default $KDCORE_RAY_ADDRESS, else in this process")
+    parser.add_argument("--max-parallel", type=int, metavar="N",
+                        help="with --ray: at most N jobs at once (default: the cluster's CPUs)")
     parser.add_argument("--create", action="store_true",
                         help="start a new, empty data directory when there is none at --data-dir")
     parser.add_argument("--idle-exit", type=float, metavar="SECONDS",
@@ -319,7 +335,7 @@ def command(args: argparse.Namespace) -> int:
                          "--create to start a new one there")
     signal.signal(signal.SIGTERM, stop)
     try:
-        run_worker(root, args.idle_exit)
+        run_worker(root, args.idle_exit, ray_address=args.ray, max_parallel=args.max_parallel)
     except (WorkerStopped, KeyboardInterrupt):
         logger.info("worker stopped")
     return 0
