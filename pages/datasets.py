@@ -105,9 +105,9 @@ def add_section(dataset, existing_defects: list[str]) -> None:
             add_images(lambda: ingest.add_test_images(store, dataset.id, defect, uploads(images), uploads(masks)))
     with folder_tab:
         roots = ingest.import_roots(store)
-        folder = st.text_input("Folder path on the server", placeholder=str(roots[0] / "bottle"),
-                               help="Folders under: " + ", ".join(str(root) for root in roots))
-        st.caption("A folder in MVTec AD layout (train/good, test/<defect>, ground_truth/<defect>) is imported "
+        folder = st.text_input("Folder path on the server", placeholder=str(roots[0] / "bottle"))
+        st.caption("Folders under " + ", ".join(f"`{root}`" for root in roots) + " (KDCORE_IMPORT_ROOTS). "
+                   "A folder in MVTec AD layout (train/good, test/<defect>, ground_truth/<defect>) is imported "
                    "with all its splits; otherwise the images directly inside it are added as normal images.")
         if st.button("Import folder", disabled=not folder.strip(), type="primary"):
             add_images(lambda: ingest.import_folder(store, dataset.id, folder.strip(), roots))

@@ -35,8 +35,8 @@ def inputs(model) -> None:
     # so the first click would only commit the text).
     with folder_tab, st.form("inspect_folder", border=False):
         roots = ingest.import_roots(store)
-        folder = st.text_input("Folder path", placeholder=str(roots[0] / "line3" / "2026-11-23"),
-                               help="Folders under: " + ", ".join(str(root) for root in roots)).strip()
+        folder = st.text_input("Folder path", placeholder=str(roots[0] / "line3" / "2026-11-23")).strip()
+        st.caption("Folders under " + ", ".join(f"`{root}`" for root in roots) + " (KDCORE_IMPORT_ROOTS)")
         if st.form_submit_button("Inspect folder", type="primary") and folder:
             try:
                 images, problems = review.folder_images(folder, roots)

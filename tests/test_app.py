@@ -168,7 +168,7 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert "epochs" not in jobs["rd"].params  # left empty: the worker's device decides
     assert jobs["stpm"].dataset_id == dataset.id
     assert "Queued 2 job(s)" in texts(at.success)
-    assert "Waiting for the worker" in texts(at.caption)
+    assert "Waiting: place 1 in the queue" in texts(at.caption)
 
     at.button(key=f"cancel_{jobs['rd'].id}").click().run()
     assert store.get_job(jobs["rd"].id).status == CANCELLED
