@@ -13,7 +13,7 @@ from datetime import datetime
 import plotly.graph_objects as go
 import streamlit as st
 
-from kdcore import review, worker
+from kdcore import review, thresholds, worker
 from kdcore.data import IMAGE_EXTENSIONS
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
@@ -204,7 +204,7 @@ def model_label(model: Model) -> str:
 def threshold_label(threshold: dict) -> str:
     """E.g. "6.813 (percentile 99 of the hold-out normals, set 2026-11-23 by qa@plant.example)"."""
     by = f" by {threshold['by']}" if threshold.get("by") else ""
-    return f"{threshold['value']:.4g} ({review.describe_threshold(threshold)}, set {threshold['date'][:10]}{by})"
+    return f"{threshold['value']:.4g} ({thresholds.describe_threshold(threshold)}, set {threshold['date'][:10]}{by})"
 
 
 # ------------------------------------------------------------------------------------------- login

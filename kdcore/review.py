@@ -178,39 +178,6 @@ def load_map(store: Store, model: Model, image: ImageRef) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- thresholds
-SCORE, PERCENTILE, MAX_FPR, F1 = "score", "percentile", "max_fpr", "f1"
-MODES = {  # as recorded with a saved threshold; "percentile" is also what training sets by default
-    SCORE: "Raw score",
-    PERCENTILE: "Percentile of the hold-out normals",
-    MAX_FPR: "Maximum false-positive rate on the hold-out normals",
-    F1: "F1-optimal on the labelled test images",
-}
-
-
-def choose_threshold(mode: str, parameter: float | None, holdout_scores, labels=None, scores=None) -> float:
-    """The threshold of a mode: ``parameter`` is the raw value (score), a percentile 0-100 (percentile) or a
-    rate 0-1 (max_fpr); f1 needs ``labels`` and ``scores`` with both classes."""
-    if mode == SCORE:
-        return float(parameter)
-    if mode == PERCENTILE:
-        return calibration.threshold_from_percentile(holdout_scores, parameter)
-    if mode == MAX_FPR:
-        return calibration.threshold_from_max_fpr(holdout_scores, parameter)
-    if mode == F1:
-        return calibration.threshold_f1_optimal(labels, scores)
-    raise ValueError(f"unknown threshold mode {mode!r}; one of {', '.join(MODES)}")
-
-
-def describe_threshold(threshold: dict) -> str:
-    """How a threshold was chosen, in words, e.g. "percentile 99 of the hold-out normals"."""
-    mode, parameter = threshold["mode"], threshold.get("parameter")
-    if mode == PERCENTILE:
-        return f"percentile {parameter:g} of the hold-out normals"
-    if mode == MAX_FPR:
-        return f"at most {parameter:.1%} false positives on the hold-out normals"
-    return MODES.get(mode, mode).lower()
-
-
 def saved_threshold(model: Model) -> float:
     return float(model.threshold["value"])
 
@@ -325,50 +292,6 @@ def labelled_set(store: Store, model: Model, load_method: MethodLoader,
     return LabelledSet(images, np.array([image.label for image in images], dtype=int),
                        score_images(store, model, images, load_method, on_progress),
                        np.asarray(model.calibration["scores"], dtype=np.float64))
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """The verdict counts at one threshold (defective = positive); rates are None where undefined."""
-
-    threshold: float
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-
-    @property
-    def fpr(self) -> float | None:
-        return _ratio(self.fp, self.fp + self.tn)
-
-    @property
-    def recall(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
-
-    @property
-    def precision(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def f1(self) -> float | None:
-        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
-
-
-def _ratio(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
-def operating_point(labels, scores, threshold: float) -> OperatingPoint:
-    return OperatingPoint(threshold, **calibration.confusion(labels, scores, threshold))
-
-
-def curves(labels, scores) -> dict[str, np.ndarray]:
-    """ROC (fpr, tpr) and precision-recall (precision, recall) curves; needs both classes."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
 
 
 # ------------------------------------------------------------------------------------------- inspections

@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from kdcore import review
+from kdcore import review, thresholds
 
 GALLERY_COLUMNS = 6
 GALLERY_MAX = 24  # per kind: the worst ones; more would only slow the page
@@ -19,29 +19,29 @@ st.caption("An image is NG when its score is above the threshold. Choose the thr
 
 def choose(model, labelled) -> tuple[str, float | None, float]:
     """The mode, its parameter and the threshold they give; starts from how the saved threshold was chosen."""
-    modes = [review.SCORE, review.PERCENTILE, review.MAX_FPR]
+    modes = [thresholds.SCORE, thresholds.PERCENTILE, thresholds.MAX_FPR]
     if labelled.n_defective and labelled.n_good:
-        modes.append(review.F1)
+        modes.append(thresholds.F1)
     saved = model.threshold
-    mode = st.radio("Choose the threshold by", modes, format_func=review.MODES.get, horizontal=True,
+    mode = st.radio("Choose the threshold by", modes, format_func=thresholds.MODES.get, horizontal=True,
                     index=modes.index(saved["mode"]) if saved["mode"] in modes else 0, key=f"mode_{model.id}")
-    if review.F1 not in modes:
+    if thresholds.F1 not in modes:
         st.caption("F1-optimal needs labelled good and defective test images (add them on the Datasets page).")
     same = saved["mode"] == mode and saved.get("parameter") is not None
-    if mode == review.SCORE:
+    if mode == thresholds.SCORE:
         parameter = st.number_input("Threshold (raw score)", value=saved["value"], format="%.6g",
                                     key=f"score_{model.id}")
-    elif mode == review.PERCENTILE:
+    elif mode == thresholds.PERCENTILE:
         parameter = st.slider("Percentile of the hold-out normal scores", 80.0, 100.0, step=0.1,
                               value=min(max(saved["parameter"], 80.0), 100.0) if same else 99.0,
                               key=f"percentile_{model.id}")
-    elif mode == review.MAX_FPR:
+    elif mode == thresholds.MAX_FPR:
         percent = st.slider("Maximum false-positive rate on the hold-out normals (%)", 0.0, 20.0, step=0.5,
                             value=min(saved["parameter"] * 100, 20.0) if same else 1.0, key=f"fpr_{model.id}")
         parameter = percent / 100
     else:
         parameter = None
-    threshold = review.choose_threshold(mode, parameter, labelled.holdout, labelled.labels, labelled.scores)
+    threshold = thresholds.choose_threshold(mode, parameter, labelled.holdout, labelled.labels, labelled.scores)
     return mode, parameter, threshold
 
 
@@ -55,20 +55,27 @@ def honesty_notes(labelled) -> None:
         st.info("No good test images: false-positive rates come from the model's hold-out normals alone.")
 
 
-def rates(labelled, threshold) -> None:
-    holdout = review.operating_point(np.zeros(len(labelled.holdout)), labelled.holdout, threshold)
-    test = review.operating_point(labelled.labels, labelled.scores, threshold) if len(labelled.labels) else None
-    cells = st.columns(5)
-    cells[0].metric("Threshold", f"{threshold:.4g}")
-    cells[1].metric("FP rate, hold-out", percent(holdout.fpr),
-                    help=f"False positives: {holdout.fp} of the {len(labelled.holdout)} normal images the model "
-                         "never trained on (the ones percentile and max-FPR thresholds are chosen on)")
+def rates(labelled, threshold, mode, parameter) -> None:
+    holdout = thresholds.operating_point(np.zeros(len(labelled.holdout)), labelled.holdout, threshold)
+    test = thresholds.operating_point(labelled.labels, labelled.scores, threshold) if len(labelled.labels) else None
+    for warning in thresholds.threshold_warnings(mode, parameter, holdout, test):
+        st.warning(warning)
+    shown = {"FP rate, hold-out": (thresholds.Rate(holdout.fp, holdout.fp + holdout.tn),
+                                   "False positives among the normal images the model never trained on (the ones "
+                                   "percentile and max-FPR thresholds are chosen on)")}
     if test is not None:
-        cells[2].metric("FP rate, test good", percent(test.fpr),
-                        help=f"False positives: {test.fp} of the {labelled.n_good} good test images")
-        cells[3].metric("Recall", percent(test.recall),
-                        help=f"Defects caught: {test.tp} of the {labelled.n_defective} defective test images")
-        cells[4].metric("Precision", percent(test.precision), help="Of the images judged NG, the defective share")
+        shown["FP rate, test good"] = (thresholds.Rate(test.fp, labelled.n_good), "False positives among the good "
+                                                                                 "test images")
+        shown["Recall"] = (thresholds.Rate(test.tp, labelled.n_defective), "Defects caught among the defective "
+                                                                           "test images")
+        shown["Precision"] = (thresholds.Rate(test.tp, test.tp + test.fp), "Of the images judged NG, the "
+                                                                           "defective share")
+    cells = st.columns(1 + len(shown))
+    cells[0].metric("Threshold", f"{threshold:.4g}")
+    for cell, (label, (rate, meaning)) in zip(cells[1:], shown.items()):
+        cell.metric(label, percent(rate.value), help=f"{meaning}: {rate}")
+        cell.caption(f"{rate.k} of {rate.n}" + (f" · 95 %: {rate.interval[0]:.0%}-{rate.interval[1]:.0%}"
+                                                 if rate.n else ""))
 
 
 def percent(value) -> str:
@@ -122,10 +129,10 @@ def charts(labelled, threshold, saved) -> None:
     left.plotly_chart(histogram(labelled, threshold, saved), key="histogram")
     if not len(labelled.labels):
         return
-    point = review.operating_point(labelled.labels, labelled.scores, threshold)
+    point = thresholds.operating_point(labelled.labels, labelled.scores, threshold)
     right.plotly_chart(confusion_matrix(point), key="confusion")
     if labelled.n_defective and labelled.n_good:
-        lines = review.curves(labelled.labels, labelled.scores)
+        lines = thresholds.curves(labelled.labels, labelled.scores)
         left, right = st.columns(2)
         left.plotly_chart(curve(lines["fpr"], lines["tpr"], point.fpr, point.recall, "ROC", "false-positive rate",
                                 "true-positive rate (recall)"), key="roc")
@@ -184,7 +191,7 @@ st.caption(f"Judged on {len(labelled.holdout)} hold-out normal images (never tra
 mode, parameter, threshold = choose(model, labelled)
 save(model, mode, parameter, threshold)
 honesty_notes(labelled)
-rates(labelled, threshold)
+rates(labelled, threshold, mode, parameter)
 charts(labelled, threshold, review.saved_threshold(model))
 if len(labelled.labels):
     st.subheader("Mistakes at this threshold")

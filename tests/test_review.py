@@ -9,7 +9,7 @@ import pytest
 
 import kdcore
 import synthetic
-from kdcore import calibration, cli, review
+from kdcore import calibration, cli, review, thresholds
 from kdcore.store import Store
 
 
@@ -45,13 +45,13 @@ def test_each_image_is_scored_once_per_model_and_matches_the_engine(review_store
 def test_threshold_modes_and_the_normalised_scale(stpm):
     holdout = np.asarray(stpm.calibration["scores"])
     labels, scores = np.array([0, 0, 1, 1]), np.array([1.0, 2.0, 3.0, 0.5])
-    assert review.choose_threshold(review.SCORE, 4.5, holdout) == 4.5
-    assert review.choose_threshold(review.PERCENTILE, 90, holdout) == calibration.threshold_from_percentile(holdout, 90)
-    assert review.choose_threshold(review.MAX_FPR, 0.2, holdout) == calibration.threshold_from_max_fpr(holdout, 0.2)
-    assert review.choose_threshold(review.F1, None, holdout, labels, scores) == \
+    assert thresholds.choose_threshold(thresholds.SCORE, 4.5, holdout) == 4.5
+    assert thresholds.choose_threshold(thresholds.PERCENTILE, 90, holdout) == calibration.threshold_from_percentile(holdout, 90)
+    assert thresholds.choose_threshold(thresholds.MAX_FPR, 0.2, holdout) == calibration.threshold_from_max_fpr(holdout, 0.2)
+    assert thresholds.choose_threshold(thresholds.F1, None, holdout, labels, scores) == \
         calibration.threshold_f1_optimal(labels, scores)
     with pytest.raises(ValueError, match="unknown threshold mode"):
-        review.choose_threshold("sigma", 3, holdout)
+        thresholds.choose_threshold("sigma", 3, holdout)
 
     saved = review.saved_threshold(stpm)
     assert review.to_normalized(saved, stpm) == 0.5
@@ -62,14 +62,14 @@ def test_threshold_modes_and_the_normalised_scale(stpm):
     assert low < stpm.calibration["min"] <= saved <= high and high > stpm.calibration["max"]
     assert step == pytest.approx(span / 100)  # 0.01 on the normalised scale
     assert (saved - low) / step == pytest.approx(round((saved - low) / step))  # the slider opens on the saved value
-    assert review.describe_threshold(stpm.threshold) == "percentile 99 of the hold-out normals"
-    assert review.describe_threshold({"mode": review.MAX_FPR, "parameter": 0.01}) == \
+    assert thresholds.describe_threshold(stpm.threshold) == "percentile 99 of the hold-out normals"
+    assert thresholds.describe_threshold({"mode": thresholds.MAX_FPR, "parameter": 0.01}) == \
         "at most 1.0% false positives on the hold-out normals"
 
 
 def test_a_saved_threshold_reaches_the_store_the_model_file_and_the_cli(review_store, stpm, tmp_path, capsys):
     method = kdcore.load(review_store.model_file(stpm))
-    saved = review.save_threshold(review_store, stpm, method, 5.5, review.SCORE, 5.5)
+    saved = review.save_threshold(review_store, stpm, method, 5.5, thresholds.SCORE, 5.5)
     assert saved["value"] == 5.5 and saved["mode"] == "score" and saved["date"]
     assert review_store.get_model(stpm.id).threshold == saved
     assert kdcore.load(review_store.model_file(stpm)).threshold == saved
@@ -158,12 +158,12 @@ def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_stor
 def test_labelled_set_and_operating_points(review_store, stpm):
     labelled = review.labelled_set(review_store, stpm, loader(review_store))
     assert (labelled.n_good, labelled.n_defective, len(labelled.holdout)) == (8, 16, stpm.calibration["n"])
-    point = review.operating_point(labelled.labels, labelled.scores, review.saved_threshold(stpm))
+    point = thresholds.operating_point(labelled.labels, labelled.scores, review.saved_threshold(stpm))
     assert point.tp + point.fn == 16 and point.fp + point.tn == 8
     assert point.fpr == point.fp / 8 and point.recall == point.tp / 16
-    lines = review.curves(labelled.labels, labelled.scores)
+    lines = thresholds.curves(labelled.labels, labelled.scores)
     assert lines["fpr"][0] == 0 and lines["tpr"][-1] == 1 and len(lines["precision"]) == len(lines["recall"])
-    assert review.OperatingPoint(1.0, tp=0, fp=0, tn=3, fn=0).precision is None
+    assert thresholds.OperatingPoint(1.0, tp=0, fp=0, tn=3, fn=0).precision is None
 
 
 def test_deleting_a_model_drops_its_cached_maps_and_scores(review_store, stpm):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import review
+from kdcore import review, thresholds
 from test_app import by_label, open_page, texts
 from test_review import loader, new_parts
 
@@ -71,16 +71,17 @@ def test_thresholds_page_sets_f1_optimal_and_saves_it_on_the_model(review_store,
     at.switch_page("pages/thresholds.py").run()
     assert "percentile 99 of the hold-out normals" in texts(at.markdown)
     assert {p.proto.id.split("-")[-1] for p in at.get("plotly_chart")} >= {"histogram", "confusion", "roc", "pr"}
-    assert not at.warning  # defects are labelled: no "normal images only" warning
+    assert "normal images only" not in texts(at.warning)  # defects are labelled
+    assert "cannot be checked here" in texts(at.warning)  # percentile 99 on the template's few hold-out images
 
-    by_label(at.radio, "Choose the threshold by").set_value(review.F1).run()
+    by_label(at.radio, "Choose the threshold by").set_value(thresholds.F1).run()
     labelled = review.labelled_set(review_store, stpm, lambda model: pytest.fail("scores were cached"))
-    best = review.choose_threshold(review.F1, None, labelled.holdout, labelled.labels, labelled.scores)
+    best = thresholds.choose_threshold(thresholds.F1, None, labelled.holdout, labelled.labels, labelled.scores)
     assert by_label(at.metric, "Threshold").value == f"{best:.4g}"
     by_label(at.button, "Save threshold").click().run()
     assert "f1-optimal on the labelled test images" in texts(at.success)
     saved = review_store.get_model(stpm.id).threshold
-    assert (saved["mode"], saved["value"]) == (review.F1, best)
+    assert (saved["mode"], saved["value"]) == (thresholds.F1, best)
     assert kdcore.load(review_store.model_file(stpm)).threshold == saved
     assert by_label(at.button, "Save threshold").disabled  # nothing new to save
 
@@ -89,7 +90,7 @@ def test_thresholds_gallery_enlarges_a_mistake(review_store, models):
     at = open_page()
     at.query_params["model"] = str(models["stpm"].id)
     at.switch_page("pages/thresholds.py").run()
-    by_label(at.radio, "Choose the threshold by").set_value(review.SCORE).run()
+    by_label(at.radio, "Choose the threshold by").set_value(thresholds.SCORE).run()
     by_label(at.number_input, "Threshold (raw score)").set_value(0.0).run()  # every image NG: all good ones FP
     assert "False positives (good, judged NG): 8" in [tab.label for tab in at.tabs]
     enlarge = [button for button in at.button if button.label == "Enlarge"]
@@ -178,3 +179,15 @@ def test_a_damaged_database_is_one_readable_line(review_store):
     at = open_page()
     assert not at.exception
     assert "The data directory cannot be opened" in texts(at.error) and "cannot be used" in texts(at.error)
+
+
+def test_thresholds_page_warns_and_counts(review_store, models):
+    stpm = models["stpm"]
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/thresholds.py").run()
+    by_label(at.radio, "Choose the threshold by").set_value(thresholds.SCORE).run()
+    by_label(at.number_input, "Threshold (raw score)").set_value(-1e6).run()
+    assert "Every image is NG at this threshold" in texts(at.warning)
+    n_holdout = stpm.calibration["n"]
+    assert f"{n_holdout} of {n_holdout}" in texts(at.caption)  # the count beside the 100 % rate
