@@ -13,7 +13,7 @@ from datetime import datetime
 import plotly.graph_objects as go
 import streamlit as st
 
-from kdcore import review, thresholds, worker
+from kdcore import thresholds, verdicts, worker
 from kdcore.data import IMAGE_EXTENSIONS
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
@@ -229,7 +229,7 @@ def current_user() -> str | None:
 
 def verdict_badge(verdict: str) -> str:
     """Markdown for an OK/NG badge, to put in a line of text."""
-    if verdict == review.NG:
+    if verdict == verdicts.NG:
         return ":red-badge[:material/error: NG]"
     return ":green-badge[:material/check_circle: OK]"
 

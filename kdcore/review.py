@@ -29,7 +29,7 @@ from PIL import Image
 
 from kdcore import calibration, data, ingest, visualize
 from kdcore.store import GOOD, Inspection, Model, Store
-from kdcore.verdicts import NG, OK, verdict  # noqa: F401 - the pages use review.NG/OK/verdict
+from kdcore.verdicts import NG, verdict
 
 if TYPE_CHECKING:
     from kdcore.methods.base import AnomalyMethod
@@ -345,7 +345,7 @@ def inspection_rows(store: Store, inspection: Inspection) -> list[Row]:
     return sorted(rows, key=lambda row: row.score, reverse=True)
 
 
-def set_qa_mark(store: Store, row: Row, mark: str | None) -> None:
+def set_qa_mark(store: Store, row: Row, mark: str | None, by: str | None = None) -> None:
     """Record QA's "correct"/"wrong" for the row's verdict (None clears it), as the image's true label.
 
     Stored as a label, not as a judgement of one verdict, so it stays true when the threshold moves.
@@ -356,7 +356,7 @@ def set_qa_mark(store: Store, row: Row, mark: str | None) -> None:
     if mark not in QA_MARKS:
         raise ValueError(f"a QA mark is one of {QA_MARKS}, got {mark!r}")
     said_defective = row.verdict == NG
-    store.set_qa_label(row.image.sha256, DEFECTIVE if said_defective == (mark == "correct") else NORMAL)
+    store.set_qa_label(row.image.sha256, DEFECTIVE if said_defective == (mark == "correct") else NORMAL, by)
 
 
 def false_positives(rows: Iterable[Row]) -> list[ImageRef]:

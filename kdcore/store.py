@@ -158,7 +158,16 @@ CREATE TABLE IF NOT EXISTS inspection_images (
 CREATE TABLE IF NOT EXISTS qa_labels (
     sha256 TEXT PRIMARY KEY,     -- QA's word on what an image really shows, whatever model judged it
     label INTEGER NOT NULL CHECK (label IN (0, 1)),  -- 0 normal, 1 defective
-    marked_at REAL NOT NULL
+    marked_at REAL NOT NULL,
+    marked_by TEXT               -- the logged-in user, when the app has a login
+);
+-- Who removed what: deletions cannot be shown afterwards, so they are recorded.
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    who TEXT,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 -- The store's identity (key 'store_id'), also written to the data directory's IDENTITY_FILE: a database that
 -- does not belong to its directory (emptied, replaced, another store's) is refused, never mixed with its files.
@@ -297,9 +306,9 @@ def default_data_dir() -> Path:
 
 
 # The layout version of kdcore.sqlite3 (SQLite's user_version): 0 is a database written before versions were
-# kept, 1 adds export jobs, 2 the store identity (meta), 3 each job's executor and node. A newer database than
-# this code knows is refused rather than misread.
-SCHEMA_VERSION = 3
+# kept, 1 adds export jobs, 2 the store identity (meta), 3 each job's executor and node, 4 who marked and
+# deleted (qa_labels.marked_by, audit). A newer database than this code knows is refused rather than misread.
+SCHEMA_VERSION = 4
 IDENTITY_FILE = "kdcore-store-id"
 DATABASE_FILE = "kdcore.sqlite3"
 
@@ -323,10 +332,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"INSERT INTO jobs_migrated ({columns}) SELECT {columns} FROM jobs")
             conn.execute("DROP TABLE jobs")
             conn.execute("ALTER TABLE jobs_migrated RENAME TO jobs")
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        for column in ("executor", "node"):
-            if column not in columns:
-                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+        for table, column in (("jobs", "executor"), ("jobs", "node"), ("qa_labels", "marked_by")):
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -367,6 +375,10 @@ def _claim_identity(conn: sqlite3.Connection, root: Path, fresh_database: bool) 
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _audit(conn: sqlite3.Connection, who: str | None, action: str, detail: str) -> None:
+    conn.execute("INSERT INTO audit (at, who, action, detail) VALUES (?, ?, ?, ?)", (time.time(), who, action, detail))
 
 
 def _replaced_database(root: Path) -> str:
@@ -502,14 +514,16 @@ class Store:
     def list_datasets(self) -> list[Dataset]:
         return [_record(Dataset, row) for row in self._query("SELECT * FROM datasets ORDER BY name")]
 
-    def delete_dataset(self, dataset_id: int) -> None:
+    def delete_dataset(self, dataset_id: int, by: str | None = None) -> None:
         """Remove a dataset, its images and files; models trained on it are kept (they are self-contained)."""
+        dataset = self.get_dataset(dataset_id)
         with self._connect() as conn:
             busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE dataset_id = ? AND status IN (?, ?)",
                                 (dataset_id, *ACTIVE_STATUSES)).fetchone()[0]
             if busy:
                 raise StoreError(f"{busy} job(s) still use this dataset: wait for them or cancel them first")
             conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+            _audit(conn, by, "delete dataset", f"#{dataset.id} '{dataset.name}'")
         # Files go after the rows: a crash in between leaves only an unreferenced folder, never a row without files.
         shutil.rmtree(self.dataset_dir(dataset_id), ignore_errors=True)
 
@@ -811,7 +825,7 @@ class Store:
         with self._connect() as conn:
             conn.execute("UPDATE models SET metrics = ? WHERE id = ?", (json.dumps(metrics), model_id))
 
-    def delete_model(self, model_id: int) -> None:
+    def delete_model(self, model_id: int, by: str | None = None) -> None:
         model = self.get_model(model_id)
         with self._connect() as conn:
             busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE model_id = ? AND kind = ? AND status IN (?, ?)",
@@ -819,6 +833,7 @@ class Store:
             if busy:
                 raise StoreError("an evaluation of this model is queued or running: cancel it first")
             conn.execute("DELETE FROM models WHERE id = ?", (model_id,))
+            _audit(conn, by, "delete model", f"#{model.id} {model.method} on '{model.dataset_name}'")
         self.model_file(model).unlink(missing_ok=True)
         self.bundle_file(model).unlink(missing_ok=True)
         shutil.rmtree(self.root / "maps" / str(model_id), ignore_errors=True)
@@ -875,14 +890,19 @@ class Store:
                            "ORDER BY rowid", (inspection_id,))
         return [tuple(row) for row in rows]
 
-    def set_qa_label(self, sha256: str, label: int | None) -> None:
-        """Record (or with None, forget) what QA says an image shows: 0 normal, 1 defective."""
+    def set_qa_label(self, sha256: str, label: int | None, by: str | None = None) -> None:
+        """Record (or with None, forget) what QA says an image shows: 0 normal, 1 defective; ``by`` whom."""
         with self._connect() as conn:
             if label is None:
                 conn.execute("DELETE FROM qa_labels WHERE sha256 = ?", (sha256,))
             else:
-                conn.execute("INSERT OR REPLACE INTO qa_labels (sha256, label, marked_at) VALUES (?, ?, ?)",
-                             (sha256, label, time.time()))
+                conn.execute("INSERT OR REPLACE INTO qa_labels (sha256, label, marked_at, marked_by) "
+                             "VALUES (?, ?, ?, ?)", (sha256, label, time.time(), by))
+
+    def audit_entries(self, limit: int = 100) -> list[dict]:
+        """The latest recorded deletions, newest first: at, who, action, detail."""
+        return [dict(row) for row in self._query("SELECT at, who, action, detail FROM audit ORDER BY id DESC "
+                                                 "LIMIT ?", (limit,))]
 
     def qa_labels(self, hashes: Sequence[str]) -> dict[str, int]:
         return {row["sha256"]: row["label"] for row in self._rows_in(

@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import ui
-from kdcore import data, review
+from kdcore import data, review, verdicts
 
 MAX_MODELS = 5
 HOVER_CELLS = 64  # the detail view's hover grid per side: enough to read scores, small enough to send quickly
@@ -93,7 +93,7 @@ def model_column(model, models, image, picture, mask, score) -> tuple:
     anomaly_map = review.resize_map(review.load_map(store, model, image), picture.shape[0])
     overlay = review.render(picture, anomaly_map, threshold, model, mask)
     image_slot.image(overlay, width="stretch")
-    verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(review.verdict(score, threshold))}")
+    verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(verdicts.verdict(score, threshold))}")
     return overlay, anomaly_map
 
 

@@ -150,7 +150,7 @@ n_images = sum(counts.values())
 if ui.confirm_delete("Delete this dataset…", f"Delete dataset '{dataset.name}' and its {n_images} images? "
                      "Models trained on it are kept.", key=f"delete_dataset_{dataset.id}"):
     try:
-        store.delete_dataset(dataset.id)
+        store.delete_dataset(dataset.id, by=ui.current_user())
         del st.query_params["dataset"]
         st.rerun()
     except StoreError as exc:

@@ -4,14 +4,14 @@ import math
 import streamlit as st
 
 import ui
-from kdcore import ingest, review
+from kdcore import ingest, review, verdicts
 from kdcore.data import DataError
 from kdcore.store import StoreError
 
 ROWS_PER_PAGE = 20
 NOT_REVIEWED = "not reviewed"
-FILTERS = {"all": lambda row: True, "NG": lambda row: row.verdict == review.NG,
-           "OK": lambda row: row.verdict == review.OK, "not reviewed": lambda row: row.qa_mark is None,
+FILTERS = {"all": lambda row: True, "NG": lambda row: row.verdict == verdicts.NG,
+           "OK": lambda row: row.verdict == verdicts.OK, "not reviewed": lambda row: row.qa_mark is None,
            "marked wrong": lambda row: row.qa_mark == "wrong"}
 
 store = ui.get_store()
@@ -72,7 +72,7 @@ def threshold_note(model, inspection) -> None:
 
 
 def summary(rows) -> None:
-    counts = {"Images": len(rows), "NG": sum(row.verdict == review.NG for row in rows),
+    counts = {"Images": len(rows), "NG": sum(row.verdict == verdicts.NG for row in rows),
               "Reviewed": sum(row.qa_mark is not None for row in rows),
               "False positives": sum(row.outcome == "FP" for row in rows),
               "False negatives": sum(row.outcome == "FN" for row in rows)}
@@ -100,7 +100,7 @@ def learn_from_false_positives(model, rows) -> None:
 
 def save_mark(row, key: str) -> None:
     value = st.session_state[key]
-    review.set_qa_mark(store, row, None if value == NOT_REVIEWED else value)
+    review.set_qa_mark(store, row, None if value == NOT_REVIEWED else value, by=ui.current_user())
 
 
 def table(model, inspection, rows) -> None:

@@ -72,7 +72,7 @@ def actions(model: Model) -> None:
     if ui.confirm_delete("Delete this model…", f"Delete model #{model.id} ({model.method} on "
                          f"{model.dataset_name})? Its file is removed.", key=f"delete_model_{model.id}"):
         try:
-            store.delete_model(model.id)
+            store.delete_model(model.id, by=ui.current_user())
             st.rerun()
         except StoreError as exc:
             st.error(str(exc))

@@ -9,7 +9,7 @@ import pytest
 
 import kdcore
 import synthetic
-from kdcore import calibration, cli, review, thresholds
+from kdcore import calibration, cli, review, thresholds, verdicts
 from kdcore.store import Store
 
 
@@ -113,14 +113,14 @@ def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review
     assert (inspection.n_images, inspection.source, inspection.threshold) == (6, str(folder), stpm.threshold)
     rows = review.inspection_rows(review_store, inspection)
     assert [row.score for row in rows] == sorted((row.score for row in rows), reverse=True)
-    assert all(row.verdict == review.verdict(row.score, stpm.threshold["value"]) for row in rows)
+    assert all(row.verdict == verdicts.verdict(row.score, stpm.threshold["value"]) for row in rows)
 
     # The top image is called NG whatever it is: QA says wrong (a false positive) and right (a true positive).
     review_store.set_model_threshold(stpm.id, {**stpm.threshold, "value": rows[1].score})
     inspection = review_store.get_inspection(
         review.run_inspection(review_store, review_store.get_model(stpm.id), images, str(folder), never_load))
     top, second, third = review.inspection_rows(review_store, inspection)[:3]
-    assert (top.verdict, second.verdict) == (review.NG, review.OK)
+    assert (top.verdict, second.verdict) == (verdicts.NG, verdicts.OK)
     review.set_qa_mark(review_store, top, "wrong")
     review.set_qa_mark(review_store, second, "wrong")
     review.set_qa_mark(review_store, third, "correct")

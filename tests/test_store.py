@@ -267,3 +267,15 @@ def test_a_database_of_an_older_kdcore_is_migrated_in_place(tmp_path):
     with sqlite3.connect(root / "kdcore.sqlite3") as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_marks_and_deletions_record_who(store, dataset):
+    import sqlite3
+
+    store.set_qa_label("ab" * 32, 1, by="qa@plant.example")
+    with sqlite3.connect(store.root / "kdcore.sqlite3") as conn:
+        assert conn.execute("SELECT marked_by FROM qa_labels").fetchone() == ("qa@plant.example",)
+    store.delete_dataset(dataset.id, by="lead@plant.example")
+    (entry,) = store.audit_entries()
+    assert (entry["who"], entry["action"]) == ("lead@plant.example", "delete dataset")
+    assert dataset.name in entry["detail"]
