@@ -27,6 +27,7 @@ from kdcore.store import GOOD, NewImage, Store
 # Caps on one upload, checked from the zip's directory before anything is written; each can be raised with
 # the environment variable of the same name prefixed by KDCORE_ (e.g. KDCORE_MAX_ZIP_BYTES).
 MAX_ZIP_MEMBERS = 20_000
+MAX_UPLOAD_FILES = 20_000  # files in one upload, zip members included
 MAX_ZIP_BYTES = 4 * 1024**3  # total uncompressed size of one zip
 # Images hardly compress (PNG and JPEG are compressed already); a member that unpacks to over 100 times its
 # stored size is a bomb, not a picture. Tiny members are exempt: a 1 KB blank PNG legitimately shrinks well.
@@ -99,6 +100,10 @@ def from_uploads(uploads: Iterable[tuple[str, bytes]]) -> list[SourceFile]:
             files += _zip_members(name, content)
         else:
             files.append(SourceFile(name, lambda content=content: io.BytesIO(content)))
+    max_files = _cap("MAX_UPLOAD_FILES", MAX_UPLOAD_FILES)
+    if len(files) > max_files:
+        raise RejectedUpload(f"this upload holds {len(files)} files; at most {max_files} are accepted at once "
+                             "(KDCORE_MAX_UPLOAD_FILES raises the cap; or import a server folder)")
     return files
 
 
@@ -151,8 +156,9 @@ def _is_system_file(name: str) -> bool:
     return parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
 
 
-def from_folder(folder: str | Path, roots: Sequence[Path] | None = None) -> list[SourceFile]:
-    """The files directly inside a folder on the server (like load_dataset, sub-folders are not searched).
+def from_folder(folder: str | Path, roots: Sequence[Path] | None = None, recursive: bool = False) -> list[SourceFile]:
+    """The files directly inside a folder on the server (like load_dataset, sub-folders are not searched unless
+    ``recursive``; hidden ones never).
 
     With ``roots`` (the web app: ``import_roots``) the folder must lie under one of them after symlinks are
     resolved, and files whose links lead outside them are left out.
@@ -162,8 +168,9 @@ def from_folder(folder: str | Path, roots: Sequence[Path] | None = None) -> list
         _require_within(folder, roots)
     if not folder.is_dir():
         raise RejectedUpload(f"not a folder on the server: {folder}")
+    candidates = sorted(folder.rglob("*") if recursive else folder.iterdir())
     return [SourceFile(_printable(str(path)), lambda path=path: open(path, "rb"))
-            for path in sorted(folder.iterdir()) if path.is_file() and not _is_system_file(path.name)
+            for path in candidates if path.is_file() and not _is_system_file(path.relative_to(folder).as_posix())
             and (roots is None or _is_within(path.resolve(), roots))]
 
 

@@ -80,14 +80,15 @@ def dataset_images(store: Store, dataset_id: int, split: str = "test") -> list[I
             for record in store.list_images(dataset_id, split)]
 
 
-def folder_images(folder: str | Path, roots: Sequence[Path] | None = None
+def folder_images(folder: str | Path, roots: Sequence[Path] | None = None, recursive: bool = False
                   ) -> tuple[list[ImageRef], list[tuple[str, str]]]:
-    """The readable images directly inside a server folder, and (file, reason) for the files skipped.
+    """The readable images inside a server folder (directly, or at any depth when ``recursive``), and
+    (file, reason) for the files skipped.
 
     Raises ``ingest.RejectedUpload`` when ``folder`` is not a folder, or lies outside ``roots`` when given.
     """
     images, problems = [], []
-    for source in ingest.from_folder(folder, roots):
+    for source in ingest.from_folder(folder, roots, recursive):
         path = Path(source.name)
         reason = _unusable(path)
         if reason:
@@ -95,6 +96,18 @@ def folder_images(folder: str | Path, roots: Sequence[Path] | None = None
         else:
             images.append(ImageRef(file_sha256(path), path.name, path))
     return images, problems
+
+
+def describe_empty_folder(folder: str | Path, roots: Sequence[Path] | None, recursive: bool, n_skipped: int) -> str:
+    """Why a folder gave nothing to inspect, in one line, e.g. that its images sit in subfolders."""
+    if n_skipped:
+        return f"No readable image in {folder}: all {n_skipped} file(s) were skipped (listed below)."
+    if not recursive:
+        deeper = len(ingest.from_folder(folder, roots, recursive=True))
+        if deeper:
+            return (f"No images directly in {folder}, but {deeper} file(s) in its subfolders: tick "
+                    "'Include subfolders'.")
+    return f"No images in {folder}" + (" or its subfolders." if recursive else ".")
 
 
 def upload_images(store: Store, uploads: Iterable[tuple[str, bytes]]) -> tuple[list[ImageRef], list[tuple[str, str]]]:
@@ -326,6 +339,12 @@ def run_inspection(store: Store, model: Model, images: Sequence[ImageRef], sourc
     if not images:
         raise ValueError("no images to inspect")
     score_images(store, model, images, load_method, on_progress)
+    # The same images, source and threshold as the latest inspection (Enter, then a click; a second tab):
+    # that inspection, not a copy of it.
+    latest = next(iter(store.list_inspections(model.id, limit=1)), None)
+    if latest is not None and latest.source == source and latest.threshold == model.threshold and \
+            [sha for sha, _, _ in store.inspection_images(latest.id)] == [image.sha256 for image in images]:
+        return latest.id
     return store.create_inspection(model.id, source, model.threshold,
                                    [(image.sha256, image.name, str(image.path)) for image in images])
 

@@ -18,9 +18,13 @@ store = ui.get_store()
 st.title("Inspect")
 
 
-def run(model, images, problems, source: str) -> None:
-    """Score the images into a new inspection and show it (its id goes in the URL, so a reload keeps it)."""
+def run(model, images, problems, source: str, note: str | None = None) -> None:
+    """Score the images into an inspection and show it (its id goes in the URL, so a reload keeps it).
+
+    ``note`` replaces the run when there is nothing to inspect: one plain line saying what was found.
+    """
     st.session_state.inspect_problems = problems
+    st.session_state.inspect_note = note
     if images:
         inspection_id = review.run_inspection(store, model, images, source, ui.load_method,
                                               ui.progress_bar(ui.model_label(model)))
@@ -31,18 +35,20 @@ def run(model, images, problems, source: str) -> None:
 
 def inputs(model) -> None:
     folder_tab, upload_tab = st.tabs(["A folder on the server", "Upload images"])
-    # A form: typing the path and clicking the button is one action (a bare text input commits on Enter or blur,
-    # so the first click would only commit the text).
+    # A form: typing the path and pressing Enter or clicking the button is one action (a bare text input
+    # commits on Enter or blur, so the first click would only commit the text).
     with folder_tab, st.form("inspect_folder", border=False):
         roots = ingest.import_roots(store)
         folder = st.text_input("Folder path", placeholder=str(roots[0] / "line3" / "2026-11-23")).strip()
+        recursive = st.checkbox("Include subfolders", value=False)
         st.caption("Folders under " + ", ".join(f"`{root}`" for root in roots) + " (KDCORE_IMPORT_ROOTS)")
         if st.form_submit_button("Inspect folder", type="primary") and folder:
             try:
-                images, problems = review.folder_images(folder, roots)
-            except ingest.RejectedUpload as exc:
-                images, problems = [], [(folder, str(exc))]
-            run(model, images, problems, folder)
+                images, problems = review.folder_images(folder, roots, recursive)
+                note = None if images else review.describe_empty_folder(folder, roots, recursive, len(problems))
+            except ingest.RejectedUpload as exc:  # missing, not a folder, or outside the import roots
+                images, problems, note = [], [], str(exc)
+            run(model, images, problems, folder, note)
     with upload_tab:
         files = st.file_uploader("Images", type=ui.IMAGE_TYPES, accept_multiple_files=True,
                                  key=f"inspect_upload_{st.session_state.get('inspect_uploads', 0)}")
@@ -51,6 +57,8 @@ def inputs(model) -> None:
 
 
 def show_problems() -> None:
+    if note := st.session_state.pop("inspect_note", None):
+        st.error(note)
     problems = st.session_state.pop("inspect_problems", [])
     if problems:
         st.warning(f"{len(problems)} file(s) skipped")

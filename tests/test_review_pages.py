@@ -191,3 +191,23 @@ def test_thresholds_page_warns_and_counts(review_store, models):
     assert "Every image is NG at this threshold" in texts(at.warning)
     n_holdout = stpm.calibration["n"]
     assert f"{n_holdout} of {n_holdout}" in texts(at.caption)  # the count beside the 100 % rate
+
+
+def test_inspect_says_what_a_folder_holds_recurses_and_never_duplicates(review_store, models):
+    inbox = review_store.root / "inbox"
+    nested = new_parts(inbox / "day" / "camera1")  # images only in a subfolder
+    stpm = models["stpm"]
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/inspect.py").run()
+    by_label(at.text_input, "Folder path").input(str(inbox / "missing"))
+    by_label(at.button, "Inspect folder").click().run()
+    assert "not a folder on the server" in texts(at.error) and "skipped" not in texts(at.warning)
+    by_label(at.text_input, "Folder path").input(str(inbox / "day"))
+    by_label(at.button, "Inspect folder").click().run()
+    assert "Include subfolders" in texts(at.error) and review_store.list_inspections(stpm.id) == []
+    by_label(at.checkbox, "Include subfolders").check()
+    by_label(at.button, "Inspect folder").click().run()
+    by_label(at.button, "Inspect folder").click().run()  # the same again (Enter, then a click)
+    (inspection,) = review_store.list_inspections(stpm.id)
+    assert inspection.n_images == len(list(nested.glob("*.png")))

@@ -103,6 +103,7 @@ def test_same_name_different_content_keeps_both(store, dataset):
     ({"ok/../../escape.png": png(9)}, {}, "unsafe path"),
     ({f"{i}.png": png(i) for i in range(3)}, {"MAX_ZIP_MEMBERS": 2}, "entries"),
     ({"big.png": png(9, size=64)}, {"MAX_ZIP_BYTES": 1000}, "unpacks to"),
+    ({f"{i}.png": png(i) for i in range(3)}, {"MAX_UPLOAD_FILES": 3}, "at most 3 are accepted at once"),
 ])
 def test_a_rejected_zip_changes_nothing(store, dataset, monkeypatch, members, limits, reason):
     ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("kept.png", png(1))]))
