@@ -102,6 +102,13 @@ def job_panel(kind: str) -> None:
     panel()
 
 
+def _run_again(store: Store, job: Job) -> None:
+    again = store.enqueue_job(job.kind, job.method, job.params, job.dataset_id, model_id=None if job.kind == TRAIN
+                              else job.model_id)
+    supervise()
+    st.toast(f"Queued job #{again.id}: {job.kind} {job.method} with {job.params or 'its defaults'}.")
+
+
 def _job_card(store: Store, job: Job) -> None:
     title = f"{_STATUS_ICONS[job.status]} **#{job.id} {job.method}** on *{job.dataset_name}* · {job.status}"
     with st.container(border=True, key=f"job_{job.id}"):
@@ -126,6 +133,8 @@ def _job_card(store: Store, job: Job) -> None:
             st.error(job.message or "failed")
         else:
             st.caption(job.message)
+        if job.status in (FAILED, CANCELLED) and job.dataset_id is not None:
+            st.button("Run again with these settings", key=f"rerun_{job.id}", on_click=_run_again, args=(store, job))
         if job.status != QUEUED:
             with st.expander("Loss curve and log", expanded=job.status == RUNNING):
                 _loss_chart(store, job)

@@ -78,7 +78,8 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
                         jobs_run += 1
                 if any(thread.is_alive() for thread, _ in running.values()):
                     idle_since = time.monotonic()
-                elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
+                elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds \
+                        and not store.has_queued_jobs():
                     logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
                     return jobs_run
                 time.sleep(POLL_SECONDS)
@@ -113,7 +114,8 @@ def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, addre
             executor.poll()
             if executor.running:
                 idle_since = time.monotonic()
-            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds:
+            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds \
+                    and not store.has_queued_jobs():
                 logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
                 return jobs_run
             time.sleep(POLL_SECONDS)

@@ -172,6 +172,9 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
 
     at.button(key=f"cancel_{jobs['rd'].id}").click().run()
     assert store.get_job(jobs["rd"].id).status == CANCELLED
+    at.button(key=f"rerun_{jobs['rd'].id}").click().run()  # a cancelled job runs again with the same settings
+    again = store.list_jobs()[0]
+    assert (again.kind, again.method, again.params, again.status) == ("train", "rd", jobs["rd"].params, QUEUED)
 
 
 def test_train_page_preselects_the_dataset_it_was_linked_from(store):
