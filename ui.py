@@ -136,8 +136,9 @@ def _job_card(store: Store, job: Job) -> None:
         if job.status in (FAILED, CANCELLED) and job.dataset_id is not None:
             st.button("Run again with these settings", key=f"rerun_{job.id}", on_click=_run_again, args=(store, job))
         if job.status != QUEUED:
-            with st.expander("Loss curve and log", expanded=job.status == RUNNING):
-                _loss_chart(store, job)
+            with st.expander("Loss curve and log" if job.kind == TRAIN else "Log", expanded=job.status == RUNNING):
+                if job.kind == TRAIN:
+                    _loss_chart(store, job)
                 st.code(store.job_log_tail(job.id) or "(no log yet)", language=None, wrap_lines=True)
 
 

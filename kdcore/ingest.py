@@ -203,8 +203,22 @@ def _printable(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------- adding
 def add_normal_images(store: Store, dataset_id: int, files: Sequence[SourceFile]) -> IngestReport:
-    """Add normal (defect-free) training images."""
-    return _ingest(store, dataset_id, [(file, None) for file in files], split="train", defect=GOOD)
+    """Add normal (defect-free) training images; files named like masks (``<stem>_mask.*``) are refused."""
+    images, report = _without_masks(files, "masks belong to defect test images, not to normal images")
+    return _merge(report, _ingest(store, dataset_id, [(file, None) for file in images], split="train",
+                                  defect=GOOD))
+
+
+def _without_masks(files: Sequence[SourceFile], reason: str) -> tuple[list[SourceFile], IngestReport]:
+    """The files that are not masks, and a report naming the masks (``<stem>_mask.*``) left out."""
+    report = IngestReport()
+    kept = []
+    for file in files:
+        if file.stem.endswith(_MASK_SUFFIX):
+            report.problems.append((file.name, f"looks like a mask ('{_MASK_SUFFIX}' name): {reason}"))
+        else:
+            kept.append(file)
+    return kept, report
 
 
 def add_test_images(store: Store, dataset_id: int, defect: str, images: Sequence[SourceFile],
@@ -222,8 +236,17 @@ def add_test_images(store: Store, dataset_id: int, defect: str, images: Sequence
     report = IngestReport()
     if defect == GOOD:
         report.problems += [(mask.name, "masks are only used for defect images") for mask in masks]
+        images, not_images = _without_masks(images, "masks are only used for defect images")
+        report.merge(not_images)
         return _merge(report, _ingest(store, dataset_id, [(image, None) for image in images], "test", GOOD))
 
+    # Masks uploaded together with their images (MVTec naming) are paired with them, never taken as images.
+    stems = {image.stem for image in images}
+    masks = list(masks) + [image for image in images if image.stem.endswith(_MASK_SUFFIX)
+                           and image.stem[:-len(_MASK_SUFFIX)] in stems]
+    images = [image for image in images if image not in masks]
+    images, stray = _without_masks(images, "no image with a matching name in this upload")
+    report.merge(stray)
     masks_by_stem = {}
     for mask in masks:
         stem = mask.stem[:-len(_MASK_SUFFIX)] if mask.stem.endswith(_MASK_SUFFIX) else mask.stem
@@ -379,7 +402,9 @@ def _decode(name: str, path: Path) -> tuple[int, int]:
     try:
         return data.probe_image(path)
     except data.UnreadableImage as exc:
-        raise _NotUsable(name, f"not a readable image: {exc}") from exc
+        # The decoder names the staged copy (a path under tmp/ the user never saw): keep its words, not the path.
+        detail = str(exc).replace(f"'{path}'", "the file").replace(str(path), "the file")
+        raise _NotUsable(name, f"not a readable image: {detail}") from exc
 
 
 def _write_thumbnail(image_path: Path, thumb_path: Path) -> None:

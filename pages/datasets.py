@@ -75,7 +75,8 @@ def show_ingest_result() -> None:
     if isinstance(result, str):
         st.error(f"Nothing was added: {result}")
     elif result is not None:
-        (st.success if result.added else st.warning)(result.summary())
+        # Green only when everything went in: a partial import must not read as a success.
+        (st.success if result.added and not result.problems else st.warning)(result.summary())
         rows = [{"file": name, "not added because": why} for name, why in result.problems]
         rows += [{"file": name, "not added because": f"duplicate of {same}"} for name, same in result.duplicates]
         if rows:

@@ -280,3 +280,26 @@ def test_marks_and_deletions_record_who(store, dataset):
     (entry,) = store.audit_entries()
     assert (entry["who"], entry["action"]) == ("lead@plant.example", "delete dataset")
     assert dataset.name in entry["detail"]
+
+
+def test_masks_uploaded_among_images_are_paired_or_refused_never_taken_as_images(store, dataset):
+    mixed = ingest.from_uploads([("s1.png", png(60)), ("s1_mask.png", png(61)), ("s2.png", png(62)),
+                                 ("s2_mask.png", png(63)), ("lost_mask.png", png(64))])
+    report = ingest.add_test_images(store, dataset.id, "scratch", mixed)
+    assert sorted(report.added) == ["s1.png", "s2.png"]
+    assert [name for name, _ in report.problems] == ["lost_mask.png"]
+    records = [image for image in store.list_images(dataset.id) if image.defect == "scratch"]
+    assert len(records) == 2 and all(image.mask_path for image in records)
+
+    normal = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("n.png", png(65)),
+                                                                              ("n_mask.png", png(66))]))
+    assert normal.added == ["n.png"]
+    (name, reason), = normal.problems
+    assert name == "n_mask.png" and "looks like a mask" in reason
+
+
+def test_an_unreadable_upload_is_named_by_its_own_name_not_a_temp_path(store, dataset):
+    report = ingest.add_normal_images(store, dataset.id, ingest.from_uploads([("broken.png", b"\x89PNG not really")]))
+    (name, reason), = report.problems
+    assert name == "broken.png" and "not a readable image" in reason
+    assert str(store.root) not in reason and "tmp" not in reason
