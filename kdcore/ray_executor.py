@@ -34,6 +34,7 @@ def connect(address: str) -> None:
         # Loopback only: by default Ray binds every interface and advertises the host's address. This switch
         # (read when ray is imported) is how Ray runs single-machine on macOS and Windows; it holds on Linux too.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report to Ray's servers from a private run
     import ray
 
     if ray.is_initialized():  # a second worker run in the same process (tests) keeps the connection
