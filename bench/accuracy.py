@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import kdcore
+from kdcore.registry import list_trainable_methods
 from kdcore import data
 from kdcore import metrics
 from kdcore.evaluation import evaluate_model, test_masks
@@ -165,7 +166,7 @@ def _has_reference(path: Path, seed: int) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--methods", nargs="+", default=kdcore.list_methods())
+    parser.add_argument("--methods", nargs="+", default=list_trainable_methods())
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--epochs", nargs="+", help="N for all, or NAME=N per method")
     parser.add_argument("--batch-size", type=int)

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 import kdcore
+from kdcore.registry import list_trainable_methods
 
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:
@@ -124,7 +125,7 @@ def measure_bundle(method, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=kdcore.list_methods())
+    parser.add_argument("--methods", nargs="+", default=list_trainable_methods())
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results")

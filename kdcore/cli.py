@@ -1,4 +1,4 @@
-"""Command line: ``python -m kdcore train|evaluate|predict|export|methods``, ``datasets``/``jobs`` on the app's data
+"""Command line: ``python -m kdcore train|evaluate|predict|export|ensemble|methods``, ``datasets``/``jobs`` on the app's data
 directory (``kdcore.cli_store``) and ``worker``.
 
 Errors the user can act on (bad data, bad parameters, missing files) print one line and exit with status 2.
@@ -19,7 +19,7 @@ from kdcore import calibration, cli_store, data, verdicts, visualize
 from kdcore import worker as kdcore_worker
 from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
 from kdcore.evaluation import evaluate_model, predict_paths
-from kdcore.registry import create_method, get_method_class, list_methods
+from kdcore.registry import create_method, get_method_class, list_methods, list_trainable_methods
 
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO@0.3",
                  "f1_max": "image F1-max", "aupr": "image AUPR"}
@@ -181,6 +181,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from kdcore.methods.base import load
+
+    data_path = args.data
+    if data_path is None:  # the dataset the first member was trained on, when it is on this machine
+        data_path = load(args.models[0], device="cpu").training_info.get("dataset")
+        if not data_path or not Path(data_path).is_dir():
+            raise UsageError(f"the members' dataset ({data_path or 'unknown'}) is not here: give it with --data")
+    dataset = data.load_dataset(data_path)
+    method = create_method("ensemble", members=args.models, device=args.device).fit(dataset)
+    out = method.save(args.out)
+    print(f"saved {out} (ensemble of {', '.join(spec['method'] for spec in method.config.member_specs)}, "
+          f"threshold {method.threshold['value']:.4g})")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     for name in list_methods():
         print(f"{name:<10} {get_method_class(name).summary}")
@@ -192,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a method on the normal images of a dataset")
-    train.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    train.add_argument("--method", required=True, help=f"one of: {', '.join(list_trainable_methods())}")
     train.add_argument("--data", required=True, help="MVTec-layout folder or a plain folder of normal images")
     train.add_argument("--out", required=True, help="model file to write")
     train.add_argument("--size", type=int, default=256, help="square input size (multiple of 32)")
@@ -227,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
     export.add_argument("--batch", type=int, help="fixed batch size of the graph (default: any)")
     export.set_defaults(run=cmd_export)
+
+    ensemble = sub.add_parser("ensemble", help="combine two or more trained models of one dataset into one model")
+    ensemble.add_argument("models", nargs="+", metavar="MODEL")
+    ensemble.add_argument("--out", required=True, help="model file to write")
+    ensemble.add_argument("--data", help="the members' dataset (default: where the first member was trained)")
+    ensemble.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ensemble.set_defaults(run=cmd_ensemble)
 
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.set_defaults(run=cmd_methods)

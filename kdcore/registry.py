@@ -23,6 +23,11 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def list_trainable_methods() -> list[str]:
+    """The methods that train on a dataset from parameters alone (not ``ensemble``, which combines trained models)."""
+    return [name for name in list_methods() if not _METHODS[name].combines_models]
+
+
 def get_method_class(name: str) -> type["AnomalyMethod"]:
     _import_builtin_methods()
     try:

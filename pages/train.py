@@ -5,9 +5,8 @@ from pathlib import Path
 import streamlit as st
 
 import ui
-from kdcore import list_methods
 from kdcore.backbones import DEFAULT_BACKBONE
-from kdcore.registry import get_method_class
+from kdcore.registry import get_method_class, list_trainable_methods
 from kdcore.store import GOOD, TRAIN
 
 SIZES = list(range(64, 513, 32))  # methods need multiples of 32
@@ -96,7 +95,7 @@ def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:
 
 dataset = choose_dataset()
 if dataset is not None:
-    available = list_methods()
+    available = list_trainable_methods()
     methods = st.multiselect("Methods", available, default=[RECOMMENDED_METHOD] if RECOMMENDED_METHOD in available
                              else available[:1],
                              format_func=lambda name: f"{name} · {get_method_class(name).summary}")

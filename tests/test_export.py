@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import one_torch_thread
-from kdcore import create_method, list_methods, worker
+from kdcore import create_method, worker
+from kdcore.registry import list_trainable_methods
 from kdcore.cli import main
 from kdcore.export import ExportError, export_bundle
 from kdcore.store import DONE, EXPORT, TRAIN, Store
@@ -41,7 +42,7 @@ def trained(synthetic_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export-models")
     paths = {}
     with one_torch_thread():
-        for name in list_methods():
+        for name in list_trainable_methods():
             paths[name] = create_method(name, **SMALL).fit(synthetic_root).save(folder / f"{name}.pt")
     return paths
 
@@ -64,7 +65,7 @@ def _read_csv(path):
     return {row["path"]: (float(row["score"]), row["verdict"]) for row in csv.DictReader(open(path))}
 
 
-@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("name", list_trainable_methods())
 def test_bundle_matches_kdcore_predict_without_torch(name, trained, line_images, tmp_path):
     bundle = tmp_path / "bundle"
     with one_torch_thread():

@@ -166,6 +166,9 @@ class AnomalyMethod:
     # A reference method with nothing to optimise (``teacher_knn``) turns this off: ``fit`` then only runs
     # ``setup_training`` and the hold-out calibration.
     trains: ClassVar[bool] = True
+    # A method built from other trained models (``ensemble``) rather than from parameters alone: not offered
+    # where a method is trained from scratch (``registry.list_trainable_methods``).
+    combines_models: ClassVar[bool] = False
     # Predict under bfloat16 on CPUs with native bf16. Checked with the evaluator on magnetic_tile: the four
     # metrics of STPM, RD, DSKD and URD moved by at most 0.004 while evaluation ran 1.4-1.8x faster. A method
     # whose map subtracts near-equal values (US's predictive variance) turns it off.
