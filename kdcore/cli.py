@@ -111,9 +111,27 @@ def _format_metric(value) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     method = _load_model(args)
     dataset = data.load_dataset(args.data)
-    with tqdm(total=len(dataset.test), unit="img", disable=args.quiet) as bar:
-        result = evaluate_model(method, dataset, on_chunk=lambda done: bar.update(done - bar.n))
-    print(f"{method.name} on {dataset.root}: {result['n_images']} images, {result['n_defective']} defective")
+    if dataset.test:
+        with tqdm(total=len(dataset.test), unit="img", disable=args.quiet) as bar:
+            result = evaluate_model(method, dataset, on_chunk=lambda done: bar.update(done - bar.n))
+        print(f"{method.name} on {dataset.root}: {result['n_images']} images, {result['n_defective']} defective")
+    elif args.synthetic:  # a plain folder of normal images: the synthetic check is all there is
+        result = {key: None for key in (*METRIC_LABELS, "f1_all_defective", "n_images", "n_defective")}
+        print(f"{method.name} on {dataset.root}: no labelled test images")
+    else:
+        raise data.DataError(f"{dataset.root} has no test images to evaluate on (expected test/good and "
+                             "test/<defect>); --synthetic scores the model on synthetic defects instead")
+    if args.synthetic:
+        from kdcore.synthetic_check import synthetic_check
+
+        result.update(synthetic_check(method, dataset))
+        print(f"  synthetic defects on {result['synthetic_n_images'] // 2} hold-out normals: image AUROC "
+              f"{_format_metric(result['synthetic_image_auroc'])}, pixel AUROC "
+              f"{_format_metric(result['synthetic_pixel_auroc'])}, AU-PRO {_format_metric(result['synthetic_aupro'])}")
+    if not dataset.test:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     for key, label in METRIC_LABELS.items():
         line = f"  {label:<13} {_format_metric(result[key])}"
         if key == "f1_max":
@@ -226,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--json", help="also write the metrics as JSON here")
+    evaluate.add_argument("--synthetic", action="store_true",
+                          help="also score the model on seeded synthetic defects made from its dataset's hold-out "
+                               "normals (synthetic_image_auroc, synthetic_pixel_auroc, synthetic_aupro)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(run=cmd_evaluate)
 
