@@ -11,6 +11,9 @@ from kdcore.methods.base import AnomalyMethod
 
 # Images are read and scored this many at a time, so memory stays bounded on large folders.
 READ_CHUNK = 64
+# What ``evaluate_model`` returns (``per_defect`` besides, when the set has defect types).
+EVALUATION_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_all_defective", "aupr", "n_images",
+                   "n_defective")
 
 
 def predict_paths(method: AnomalyMethod, paths: Sequence[str | Path], batch_size: int = 32,

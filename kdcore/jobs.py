@@ -59,16 +59,24 @@ def train(dataset_dir: Path, method_name: str, params: dict, out_dir: Path, even
 
 
 def evaluate(dataset_dir: Path, model_file: Path, events: JobEvents) -> dict:
-    """The model's metrics on the dataset's labelled test split."""
+    """The model's metrics on the dataset's labelled test split (None where it has no good and defective test
+    images) and on synthetic defects made from its hold-out normals (``kdcore.synthetic_check``)."""
     from kdcore import data, load
-    from kdcore.evaluation import evaluate_model
+    from kdcore.evaluation import EVALUATION_KEYS, evaluate_model
+    from kdcore.synthetic_check import synthetic_check
 
     method = load(model_file)
     dataset = data.load_dataset(dataset_dir)
     events.log.info(dataset.summary())
-    events.report(stage="scoring test images")
-    total = max(1, len(dataset.test))
-    metrics = evaluate_model(method, dataset, on_chunk=lambda done: events.report(progress=done / total))
+    if {sample.label for sample in dataset.test} == {0, 1}:
+        events.report(stage="scoring test images")
+        total = max(1, len(dataset.test))
+        metrics = evaluate_model(method, dataset, on_chunk=lambda done: events.report(progress=done / total))
+    else:
+        events.log.info("no labelled good and defective test images: synthetic defects only")
+        metrics = dict.fromkeys(EVALUATION_KEYS)
+    events.report(stage="scoring synthetic defects")
+    metrics.update(synthetic_check(method, dataset))
     events.log.info("metrics: %s", metrics)
     return metrics
 

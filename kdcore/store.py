@@ -458,13 +458,19 @@ class Store:
         """Why the model cannot be evaluated now (the pages and the CLI say the same), or None."""
         if model.dataset_id is None:
             return f"Its dataset '{model.dataset_name}' was deleted."
+        return None
+
+    def evaluation_scope(self, model: Model) -> str:
+        """What an evaluation of the model will measure, in words (its dataset must exist)."""
         counts = self.dataset_counts(model.dataset_id)
         n_good = counts.get(("test", GOOD), 0)
         n_defect = sum(n for (split, defect), n in counts.items() if split == "test" and defect != GOOD)
-        if not n_good or not n_defect:
-            return ("Evaluation needs labelled test images, both good and defective "
-                    f"(the dataset has {n_good} good and {n_defect} defective): add them on the Datasets page.")
-        return None
+        if n_good and n_defect:
+            return (f"Evaluation scores its {n_good} good and {n_defect} defective test images and synthetic defects "
+                    "made from the hold-out normals.")
+        return (f"The dataset has {n_good} good and {n_defect} defective test images, so evaluation measures "
+                "synthetic defects made from the hold-out normals only; add labelled test images on the Datasets "
+                "page for real numbers.")
 
     def bundle_file(self, model: Model) -> Path:
         """The model's export bundle as a zip, once an export job has written it."""

@@ -218,7 +218,10 @@ def record_training(store: Store, job: Job, trained: "jobs.TrainedModel | None",
 
 def record_metrics(store: Store, job: Job, metrics: dict) -> None:
     store.set_model_metrics(job.model_id, {**metrics, "evaluated_at": time.time(), "job_id": job.id})
-    store.finish_job(job.id, DONE, f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images")
+    summary = f"synthetic defects: image AUROC {metrics['synthetic_image_auroc']:.3f}"
+    if metrics.get("image_auroc") is not None:
+        summary = f"image AUROC {metrics['image_auroc']:.3f} on {metrics['n_images']} images; {summary}"
+    store.finish_job(job.id, DONE, summary)
 
 
 def record_bundle(store: Store, job: Job, archive: Path, log: logging.Logger) -> None:

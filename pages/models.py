@@ -6,12 +6,16 @@ import zipfile
 import streamlit as st
 
 import ui
+from kdcore.recommend import recommend
 from kdcore.store import EVALUATE, EXPORT, Model, StoreError
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO",
            "f1_max": "image F1-max",
            # F1-max's baseline: what calling every test image defective scores on this test set.
-           "f1_all_defective": "F1 if all NG", "aupr": "image AUPR"}
+           "f1_all_defective": "F1 if all NG", "aupr": "image AUPR",
+           # On synthetic defects made from the hold-out normals (kdcore.synthetic_check): evidence without defects.
+           "synthetic_image_auroc": "synthetic image AUROC", "synthetic_pixel_auroc": "synthetic pixel AUROC",
+           "synthetic_aupro": "synthetic AU-PRO"}
 
 store = ui.get_store()
 st.title("Models")
@@ -40,7 +44,8 @@ def models_table(models: list[Model]) -> None:
     st.dataframe([table_row(model, with_metrics) for model in models], hide_index=True, width="stretch",
                  column_config=numbers)
     if not with_metrics:
-        st.caption("Test metrics appear here once a model is evaluated on labelled test images.")
+        st.caption("Metrics appear here once a model is evaluated: on labelled test images when its dataset has "
+                   "them, and always on synthetic defects made from its hold-out normals.")
 
 
 def details(model: Model) -> None:
@@ -63,9 +68,8 @@ def details(model: Model) -> None:
 
 def actions(model: Model) -> None:
     blocker = store.evaluation_blocker(model)
-    if blocker:
-        st.caption(blocker)
-    if st.button("Evaluate on the test split", disabled=blocker is not None, type="primary"):
+    st.caption(blocker or store.evaluation_scope(model))
+    if st.button("Evaluate", disabled=blocker is not None, type="primary"):
         job = store.enqueue_job(EVALUATE, model.method, {}, model.dataset_id, model_id=model.id)
         ui.supervise()
         st.success(f"Queued evaluation job #{job.id}.")
@@ -76,6 +80,22 @@ def actions(model: Model) -> None:
             st.rerun()
         except StoreError as exc:
             st.error(str(exc))
+
+
+def recommendation(model: Model, models: list[Model]) -> None:
+    """Which of the selected model's dataset's models to use, with the evidence and the cost."""
+    siblings = [m for m in models if m.dataset_name == model.dataset_name]
+    if len(siblings) < 2:
+        return
+    choice = recommend(siblings)
+    if choice is None:
+        st.caption(f"'{model.dataset_name}' has {len(siblings)} models: evaluate them to see which one to use.")
+        return
+    best = choice.model
+    st.info(f"**For '{model.dataset_name}', use #{best.id} {best.method}** (best on {choice.basis}: "
+            f"{choice.evidence}). Cost: {best.file_bytes / 1e6:.1f} MB, trained in "
+            f"{ui.duration(best.training.get('seconds'))}; `python -m bench.speed --methods {best.method}` measures "
+            "its images per second here.")
 
 
 def bundle_threshold(model: Model) -> dict | None:
@@ -120,6 +140,7 @@ else:
     models_table(models)
     model = st.selectbox("Model", models, format_func=lambda m: f"#{m.id} {m.method} on {m.dataset_name} "
                                                                 f"({ui.when(m.created_at)})")
+    recommendation(model, models)
     details(model)
     actions(model)
     deployment(model)

@@ -258,13 +258,14 @@ def test_models_page_lists_evaluates_and_deletes(store):
     assert (row["method"], row["dataset"], row["size"], row["hold-out p99"]) == ("stpm", "cap", 64, 1.99)
     assert row["training time"] == "12 s" and "image AUROC" not in row  # no model evaluated yet
     assert "Only 2 hold-out image(s)" in texts(at.warning)
-    assert by_label(at.button, "Evaluate on the test split").disabled
-    assert "needs labelled test images" in texts(at.caption)
+    assert not by_label(at.button, "Evaluate").disabled  # normal images only: synthetic defects are measured
+    assert "synthetic defects made from the hold-out normals only" in texts(at.caption)
 
     ingest.add_test_images(store, dataset.id, "good", ingest.from_uploads([("g.png", png(20))]))
     ingest.add_test_images(store, dataset.id, "dent", ingest.from_uploads([("d.png", png(21))]))
     at = open_page("pages/models.py")
-    by_label(at.button, "Evaluate on the test split").click().run()
+    assert "scores its 1 good and 1 defective test images" in texts(at.caption)
+    by_label(at.button, "Evaluate").click().run()
     (evaluation,) = store.list_jobs(EVALUATE)
     assert evaluation.model_id == model.id and evaluation.status == QUEUED
     store.set_model_metrics(model.id, {"image_auroc": 0.75, "pixel_auroc": None, "aupro": None, "f1_max": 0.8,
@@ -279,6 +280,19 @@ def test_models_page_lists_evaluates_and_deletes(store):
     by_label(at.button, "Yes, delete").click().run()  # the question stays up, so trying again is one click
     assert store.list_models() == [] and not store.model_file(model).exists()
     assert "No trained models yet" in texts(at.info)
+
+
+def test_models_page_recommends_a_model_on_the_best_evidence(store):
+    dataset = dataset_with_images(store)
+    first, second = fake_model(store, dataset), fake_model(store, dataset)
+    store.set_model_metrics(first.id, {"synthetic_image_auroc": 0.9, "synthetic_pixel_auroc": 0.8})
+    store.set_model_metrics(second.id, {"synthetic_image_auroc": 0.7, "synthetic_pixel_auroc": 0.95})
+    at = open_page("pages/models.py")
+    assert f"use #{first.id} stpm" in texts(at.info) and "synthetic defects" in texts(at.info)
+    # Real labelled evidence outranks synthetic evidence.
+    store.set_model_metrics(second.id, {"image_auroc": 0.8, "synthetic_image_auroc": 0.7})
+    at = open_page("pages/models.py")
+    assert f"use #{second.id} stpm" in texts(at.info) and "labelled test images" in texts(at.info)
 
 
 def test_with_a_login_configured_nothing_shows_before_logging_in(store):

@@ -77,6 +77,8 @@ def test_an_evaluation_job_stores_metrics_on_the_model(trained):
     metrics = store.get_model(job.model_id).metrics
     assert metrics["n_images"] == 6 and metrics["n_defective"] == 4
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["pixel_auroc"] is not None
+    assert 0.0 <= metrics["synthetic_image_auroc"] <= 1.0  # and on synthetic defects of its hold-out normals
+    assert "synthetic defects: image AUROC" in store.get_job(evaluation.id).message
 
 
 def test_a_job_with_bad_parameters_fails_with_the_reason_and_adds_no_model(trained):
