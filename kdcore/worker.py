@@ -78,9 +78,7 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
                         jobs_run += 1
                 if any(thread.is_alive() for thread, _ in running.values()):
                     idle_since = time.monotonic()
-                elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds \
-                        and not store.has_queued_jobs():
-                    logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+                elif _idle_long_enough(store, idle_since, idle_exit_seconds):
                     return jobs_run
                 time.sleep(POLL_SECONDS)
         except BaseException as exc:  # stopped (signal, Ctrl-C): its running jobs end failed, with the reason
@@ -88,6 +86,14 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
                 if thread.is_alive():
                     store.finish_job(job.id, FAILED, _describe(exc))
             raise
+
+
+def _idle_long_enough(store: Store, idle_since: float, idle_exit_seconds: float | None) -> bool:
+    """Whether a worker with nothing running may exit: idle for ``idle_exit_seconds`` and nothing queued."""
+    if idle_exit_seconds is None or time.monotonic() - idle_since < idle_exit_seconds or store.has_queued_jobs():
+        return False
+    logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+    return True
 
 
 def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, address: str,
@@ -114,9 +120,7 @@ def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, addre
             executor.poll()
             if executor.running:
                 idle_since = time.monotonic()
-            elif idle_exit_seconds is not None and time.monotonic() - idle_since >= idle_exit_seconds \
-                    and not store.has_queued_jobs():
-                logger.info("no queued jobs for %.0f s; exiting", idle_exit_seconds)
+            elif _idle_long_enough(store, idle_since, idle_exit_seconds):
                 return jobs_run
             time.sleep(POLL_SECONDS)
     except BaseException as exc:
