@@ -23,16 +23,15 @@ st.title("Models")
 
 def table_row(model: Model, with_metrics: bool) -> dict:
     holdout = model.calibration
-    row = {
-        "id": model.id, "method": model.method, "dataset": model.dataset_name,
+    row = {"id": model.id, "method": model.method, "dataset": model.dataset_name}
+    if with_metrics:  # right after the model's name: what decides between models is on screen without scrolling
+        row.update({label: (model.metrics or {}).get(key) for key, label in METRICS.items()})
+    row.update({
         "size": model.params.get("size"), "epochs": model.training.get("epochs_run"),
         "trained": ui.when(model.created_at), "training time": ui.duration(model.training.get("seconds")),
         "hold-out n": holdout["n"], "hold-out mean": holdout["mean"], "hold-out p99": holdout["quantiles"]["0.99"],
-        "threshold": (model.threshold or {}).get("value"),
-    }
-    if with_metrics:
-        row.update({label: (model.metrics or {}).get(key) for key, label in METRICS.items()})
-    row["file MB"] = round(model.file_bytes / 1e6, 1)
+        "threshold": (model.threshold or {}).get("value"), "file MB": round(model.file_bytes / 1e6, 1),
+    })
     return row
 
 
@@ -138,8 +137,9 @@ if not models:
     st.page_link("pages/train.py", label="Train one on the Train page", icon=ui.ICONS["train"])
 else:
     models_table(models)
-    model = st.selectbox("Model", models, format_func=lambda m: f"#{m.id} {m.method} on {m.dataset_name} "
-                                                                f"({ui.when(m.created_at)})")
+    # The choice lives in the URL: a finished job adding a model no longer moves the selection to another one.
+    model = ui.pick_from_url("Model", models, "model", lambda m: f"#{m.id} {m.method} on {m.dataset_name} "
+                                                                 f"({ui.when(m.created_at)})")
     recommendation(model, models)
     details(model)
     actions(model)

@@ -305,3 +305,14 @@ def test_with_a_login_configured_nothing_shows_before_logging_in(store):
     assert not at.exception
     assert [button.label for button in at.button] == ["Log in"]
     assert "cap" not in str(at.main)  # no dataset, page or data directory shown
+
+
+def test_models_page_keeps_its_selection_when_a_model_is_added(store):
+    dataset = dataset_with_images(store)
+    first = fake_model(store, dataset)
+    at = open_page("pages/models.py")
+    assert at.query_params["model"] == [str(first.id)] or at.query_params["model"] == str(first.id)
+    second = fake_model(store, dataset)  # a training job finishes meanwhile
+    at.run()
+    assert by_label(at.selectbox, "Model").value == first.id
+    assert {second.id, first.id} == {int(v) for v in at.dataframe[0].value["id"]}
