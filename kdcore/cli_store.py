@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from kdcore import ingest
-from kdcore.store import (ACTIVE_STATUSES, DATABASE_FILE, DONE, EVALUATE, GOOD, TRAIN, Job, Store, StoreError,
-                          default_data_dir)
+from kdcore.store import (ACTIVE_STATUSES, DONE, EVALUATE, GOOD, TRAIN, Job, Store, StoreError,
+                          existing_data_dir)
 
 WAIT_POLL_SECONDS = 1.0
 
@@ -60,11 +60,9 @@ def add_parsers(sub) -> None:
 
 def open_store(args: argparse.Namespace) -> Store:
     """The data directory's store; only ``datasets create`` starts a new one (a typo must not)."""
-    root = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
-    if not (root / DATABASE_FILE).exists() and not getattr(args, "create_store", False):
-        raise StoreError(f"{root} is not a kdcore data directory (no {DATABASE_FILE}): check --data-dir, or "
-                         "create a dataset there first")
-    return Store(root)
+    if getattr(args, "create_store", False):
+        return Store(args.data_dir)
+    return Store(existing_data_dir(args.data_dir, "create a dataset there first"))
 
 
 # ------------------------------------------------------------------------------------------- datasets

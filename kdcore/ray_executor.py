@@ -126,12 +126,15 @@ class RayExecutor:
         import ray
         from ray.util.queue import Queue
 
-        dataset_zip = model_bytes = None
+        from kdcore.worker import require_dataset, require_model
+
+        dataset_zip = model_bytes = threshold = None
         if job.kind in (TRAIN, EVALUATE):
-            dataset_zip = ray.put(_zip_folder(self.store.dataset_dir(_dataset_id(job))))
+            dataset_zip = ray.put(_zip_folder(self.store.dataset_dir(require_dataset(job))))
         if job.kind in (EVALUATE, EXPORT):
-            model_bytes = ray.put(self.store.model_file(self._model(job)).read_bytes())
-        threshold = self._model(job).threshold if job.kind == EXPORT else None
+            model = require_model(self.store, job)
+            model_bytes = ray.put(self.store.model_file(model).read_bytes())
+            threshold = model.threshold if job.kind == EXPORT else None
         gpus = 1 if job.kind == TRAIN and self.has_gpus else 0
         queue = Queue()
         task = ray.remote(run_task).options(num_cpus=1, num_gpus=gpus, max_retries=0)
@@ -183,6 +186,18 @@ class RayExecutor:
             self.store.heartbeat(run.job.id)
 
     def _finish(self, run: _Running) -> None:
+        """Record how the job's task ended; whatever goes wrong fails that job, never the worker."""
+        from kdcore import worker
+
+        try:
+            self._record(run)
+        except Exception as exc:  # noqa: BLE001 - e.g. the model was deleted meanwhile
+            run.log.exception("job %d could not be recorded", run.job.id)
+            self.store.finish_job(run.job.id, FAILED, worker.describe_failure(exc))
+        finally:
+            worker.close_job_logger(run.log)
+
+    def _record(self, run: _Running) -> None:
         import ray
         from kdcore import worker
 
@@ -192,16 +207,18 @@ class RayExecutor:
         except ray.exceptions.TaskCancelledError:
             self.store.finish_job(job.id, CANCELLED, "cancelled; no model was saved")
             return
-        except ray.exceptions.RayError as exc:
-            reason = _ray_failure(exc)
+        except ray.exceptions.RayTaskError as exc:  # the job's own error, raised on the node
             log.error("job %d failed on Ray: %s", job.id, exc)
-            self.store.finish_job(job.id, FAILED, reason)
+            self.store.finish_job(job.id, FAILED, worker.describe_failure(exc.cause or exc))
+            return
+        except ray.exceptions.RayError as exc:  # Ray lost the task: its process or node died
+            log.error("job %d lost on Ray: %s", job.id, exc)
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.store.finish_job(job.id, FAILED, f"the Ray task was lost ({type(exc).__name__}): {first_line}")
             return
         finally:
             self._forward_events(run)
             run.queue.shutdown()
-            if self.store.get_job(job.id).status != "running":
-                worker.close_job_logger(log)
         staging = self.store.make_tmp_dir(f"job-{job.id}-")
         try:
             if job.kind == TRAIN:
@@ -217,18 +234,6 @@ class RayExecutor:
                 worker.record_bundle(self.store, job, staging / "bundle.zip", log)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            worker.close_job_logger(log)
-
-    def _model(self, job: Job):
-        if job.model_id is None:
-            raise ValueError(f"the model to {job.kind} was deleted")
-        return self.store.get_model(job.model_id)
-
-
-def _dataset_id(job: Job) -> int:
-    if job.dataset_id is None:
-        raise ValueError(f"dataset '{job.dataset_name}' was deleted")
-    return job.dataset_id
 
 
 def _zip_folder(folder: Path) -> bytes:
@@ -239,16 +244,3 @@ def _zip_folder(folder: Path) -> bytes:
             if path.is_file() and "thumbs" not in path.relative_to(folder).parts:
                 archive.write(path, path.relative_to(folder).as_posix())
     return buffer.getvalue()
-
-
-def _ray_failure(exc: Exception) -> str:
-    """One line for a task that did not return: its own error, or why Ray lost it."""
-    import ray
-
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            return str(cause)
-        return f"{type(cause).__name__}: {cause} (see the job log)"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"the Ray task was lost ({type(exc).__name__}): {first_line}"

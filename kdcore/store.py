@@ -305,6 +305,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
 
 
+def existing_data_dir(data_dir: str | Path | None, how_to_create: str) -> Path:
+    """``data_dir`` (default ``default_data_dir()``) when it holds a store; else StoreError ending in
+    ``how_to_create``. Commands that must not start an empty store on a mistyped path check this first."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if not (root / DATABASE_FILE).exists():
+        raise StoreError(f"{root} is not a kdcore data directory (no {DATABASE_FILE}): check --data-dir, or "
+                         f"{how_to_create}")
+    return root
+
+
 # The layout version of kdcore.sqlite3 (SQLite's user_version): 0 is a database written before versions were
 # kept, 1 adds export jobs, 2 the store identity (meta), 3 each job's executor and node, 4 who marked and
 # deleted (qa_labels.marked_by, audit). A newer database than this code knows is refused rather than misread.

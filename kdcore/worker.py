@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from kdcore import jobs
-from kdcore.store import (CANCELLED, DATABASE_FILE, DONE, EVALUATE, EXPORT, FAILED, LANES, TRAIN, Job, Store,
-                          StoreError, default_data_dir)
+from kdcore.store import (CANCELLED, DONE, EVALUATE, EXPORT, FAILED, LANES, TRAIN, Job, Store,
+                          existing_data_dir)
 
 POLL_SECONDS = 1.0  # how often an idle worker looks for queued jobs
 HEARTBEAT_SECONDS = 5.0
@@ -84,7 +84,7 @@ def run_worker(data_dir: str | Path | None = None, idle_exit_seconds: float | No
         except BaseException as exc:  # stopped (signal, Ctrl-C): its running jobs end failed, with the reason
             for thread, job in running.values():
                 if thread.is_alive():
-                    store.finish_job(job.id, FAILED, _describe(exc))
+                    store.finish_job(job.id, FAILED, describe_failure(exc))
             raise
 
 
@@ -115,7 +115,7 @@ def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, addre
                     executor.start(job, log)
                 except Exception as exc:  # noqa: BLE001 - e.g. its dataset was deleted: the job fails, not the worker
                     log.exception("job %d could not start", job.id)
-                    store.finish_job(job.id, FAILED, _describe(exc))
+                    store.finish_job(job.id, FAILED, describe_failure(exc))
                     close_job_logger(log)
             executor.poll()
             if executor.running:
@@ -124,7 +124,7 @@ def _serve_on_ray(store: Store, pid: int, idle_exit_seconds: float | None, addre
                 return jobs_run
             time.sleep(POLL_SECONDS)
     except BaseException as exc:
-        executor.stop_all(_describe(exc))
+        executor.stop_all(describe_failure(exc))
         raise
 
 
@@ -138,7 +138,7 @@ def run_job(store: Store, job: Job) -> None:
         _JOBS[job.kind](store, job, log)
     except BaseException as exc:  # also WorkerStopped/KeyboardInterrupt: record why, then let them end the worker
         log.exception("job %d failed", job.id)
-        store.finish_job(job.id, FAILED, _describe(exc))
+        store.finish_job(job.id, FAILED, describe_failure(exc))
         if not isinstance(exc, Exception):
             raise
     finally:
@@ -152,7 +152,7 @@ def close_job_logger(log: logging.Logger) -> None:
         log.removeHandler(handler)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, (WorkerStopped, KeyboardInterrupt)):
         return "the worker process was stopped while the job was running"
     if isinstance(exc, (ValueError, FileNotFoundError)):  # DataError and bad parameters: the message says it all
@@ -177,7 +177,7 @@ class StoreEvents:
 def _train(store: Store, job: Job, log: logging.Logger) -> None:
     staging = store.make_tmp_dir(f"job-{job.id}-")
     try:
-        trained = jobs.train(store.dataset_dir(_require_dataset(job)), job.method, job.params, staging,
+        trained = jobs.train(store.dataset_dir(require_dataset(job)), job.method, job.params, staging,
                              StoreEvents(store, job.id, log))
         record_training(store, job, trained, log)
     finally:
@@ -185,14 +185,14 @@ def _train(store: Store, job: Job, log: logging.Logger) -> None:
 
 
 def _evaluate(store: Store, job: Job, log: logging.Logger) -> None:
-    model = _require_model(store, job)
-    metrics = jobs.evaluate(store.dataset_dir(_require_dataset(job)), store.model_file(model),
+    model = require_model(store, job)
+    metrics = jobs.evaluate(store.dataset_dir(require_dataset(job)), store.model_file(model),
                             StoreEvents(store, job.id, log))
     record_metrics(store, job, metrics)
 
 
 def _export(store: Store, job: Job, log: logging.Logger) -> None:
-    model = _require_model(store, job)
+    model = require_model(store, job)
     staging = store.make_tmp_dir(f"job-{job.id}-")
     try:
         # The threshold QA saved, which may differ from the one in the model file.
@@ -238,13 +238,13 @@ def record_bundle(store: Store, job: Job, archive: Path, log: logging.Logger) ->
     log.info("bundle of model %d written to %s", model.id, target)
 
 
-def _require_dataset(job: Job) -> int:
+def require_dataset(job: Job) -> int:
     if job.dataset_id is None:
         raise ValueError(f"dataset '{job.dataset_name}' was deleted")
     return job.dataset_id
 
 
-def _require_model(store: Store, job: Job):
+def require_model(store: Store, job: Job):
     if job.model_id is None:
         raise ValueError(f"the model to {job.kind} was deleted")
     return store.get_model(job.model_id)
@@ -337,11 +337,8 @@ def command(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise WorkerStopped(f"signal {signum}")
 
-    root = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
-    if not (root / DATABASE_FILE).exists() and not args.create:
-        # A mistyped path would otherwise start an empty store and wait there forever for jobs.
-        raise StoreError(f"{root} is not a kdcore data directory (no {DATABASE_FILE}); check --data-dir, or pass "
-                         "--create to start a new one there")
+    # A mistyped path would otherwise start an empty store and wait there forever for jobs.
+    root = args.data_dir if args.create else existing_data_dir(args.data_dir, "pass --create to start a new one there")
     signal.signal(signal.SIGTERM, stop)
     try:
         run_worker(root, args.idle_exit, ray_address=args.ray, max_parallel=args.max_parallel)

@@ -289,9 +289,7 @@ class AnomalyMethod:
         return self._predict(x if isinstance(x, ModelInput) else ModelInput(x), batch_size)
 
     def _predict(self, x: ModelInput, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        maps = self._maps(x.images, batch_size)
-        if x.boxes is not None:
-            maps = to_image_frame(maps, x.boxes)
+        maps = _in_image_frame(self._maps(x.images, batch_size), x.boxes)
         return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
 
     def _maps(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -398,7 +396,7 @@ class AnomalyMethod:
             self.map_offset = position_mean(maps, POSITION_SIGMA)
             self.map_scale = max(float((maps - self.map_offset).std()), 1e-12)
             maps = (maps - self.map_offset) / self.map_scale
-        return to_image_frame(maps, holdout.boxes).amax(dim=(1, 2)).numpy()
+        return _in_image_frame(maps, holdout.boxes).amax(dim=(1, 2)).numpy()
 
     def _calibrate(self, holdout_scores: np.ndarray) -> None:
         self.calibration = calibration.summarize_scores(holdout_scores)
@@ -461,6 +459,14 @@ class AnomalyMethod:
             method.map_offset, method.map_scale = normalization["offset"], float(normalization["scale"])
         method.net.eval()
         return method
+
+
+def _in_image_frame(maps: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+    """``to_image_frame``, skipped where every picture fills its square (stretched or square images): the
+    prediction path then pays nothing for letterboxing."""
+    if boxes is None or bool((boxes[:, 2:] == maps.shape[-1]).all()):
+        return maps
+    return to_image_frame(maps, boxes)
 
 
 def load(path: str | Path, device: str = "auto") -> AnomalyMethod:
