@@ -127,13 +127,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def per_defect_table(rows: list[dict]) -> str:
-    """Image AUROC of each defect type against the good test images, one row per method."""
-    defects = sorted({d for r in rows for d in r.get("per_defect") or {}})
+def per_defect_table(rows: list[dict], key: str = "per_defect") -> str:
+    """AUROC of each defect type against the good test images (``key``: "per_defect" image level,
+    "per_defect_pixel" pixel level), one row per method."""
+    defects = sorted({d for r in rows for d in r.get(key) or {}})
     if not defects:
         return ""
     lines = ["| method | " + " | ".join(defects) + " |", "|---" * (len(defects) + 1) + "|"]
-    lines += ["| " + r["method"] + " | " + " | ".join(_fmt((r.get("per_defect") or {}).get(d)) for d in defects)
+    lines += ["| " + r["method"] + " | " + " | ".join(_fmt((r.get(key) or {}).get(d)) for d in defects)
               + " |" for r in rows]
     return "\n".join(lines)
 
@@ -224,6 +225,9 @@ def main(argv=None) -> int:
     good = [r for r in rows if "error" not in r]
     table = markdown_table(good) + "\n\nImage AUROC per defect type (against the good test images):\n\n" \
         + per_defect_table(good)
+    pixel_table = per_defect_table(good, "per_defect_pixel")
+    if pixel_table:
+        table += "\n\nPixel AUROC per defect type (its images' pixels with the good test images'):\n\n" + pixel_table
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     return 0

@@ -138,7 +138,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             line += f"  (calling everything defective: {result['f1_all_defective']:.4f})"
         print(line)
     for defect, value in result.get("per_defect", {}).items():
-        print(f"  image AUROC, {defect} vs good: {value:.4f}")
+        pixel = result.get("per_defect_pixel", {}).get(defect)
+        print(f"  image AUROC, {defect} vs good: {value:.4f}"
+              + (f"   pixel AUROC: {pixel:.4f}" if pixel is not None else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 from PIL import Image, ImageOps
 
 from kdcore import data
-from kdcore.store import GOOD, NewImage, Store
+from kdcore.store import DEFECT_NAME, DEFECT_NAME_RULE, GOOD, NewImage, Store
 
 # Caps on one upload, checked from the zip's directory before anything is written; each can be raised with
 # the environment variable of the same name prefixed by KDCORE_ (e.g. KDCORE_MAX_ZIP_BYTES).
@@ -38,7 +38,6 @@ MAX_STEM_CHARS = 120
 IMPORT_ROOTS_ENV = "KDCORE_IMPORT_ROOTS"
 _COPY_CHUNK = 1024 * 1024
 _MASK_SUFFIX = "_mask"
-_DEFECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RejectedUpload(ValueError):
@@ -230,9 +229,8 @@ def add_test_images(store: Store, dataset_id: int, defect: str, images: Sequence
     for every defect image as soon as the dataset has any; mismatching files are reported, not added.
     """
     defect = defect.strip()
-    if not _DEFECT_NAME.match(defect):
-        raise RejectedUpload(f"'{defect}' is not a usable defect type name: use letters, digits, '_', '-' or "
-                             "'.', starting with a letter or digit")
+    if not DEFECT_NAME.match(defect):
+        raise RejectedUpload(f"'{defect}' is not a usable defect type name: {DEFECT_NAME_RULE}")
     report = IngestReport()
     if defect == GOOD:
         report.problems += [(mask.name, "masks are only used for defect images") for mask in masks]

@@ -175,6 +175,25 @@ def per_defect_auroc(defects, scores, normal: str = "good") -> dict[str, float]:
     return result
 
 
+def per_defect_pixel_auroc(defects, masks, maps, normal: str = "good") -> dict[str, float]:
+    """Pixel AUROC of each defect type: its images' pixels together with all normal images' pixels.
+
+    A pooled pixel AUROC is decided by the types with the largest defect areas; this shows each type on its
+    own. Types whose masks hold no defect pixel are left out.
+    """
+    defects = np.asarray(defects, dtype=object)
+    masks, maps = _masks_and_maps(masks, maps)
+    if defects.shape != (masks.shape[0],):
+        raise ValueError(f"defects name {defects.size} images but masks hold {masks.shape[0]}")
+    is_normal = defects == normal
+    result = {}
+    for defect in sorted(set(defects[~is_normal])):
+        chosen = is_normal | (defects == defect)
+        if masks[chosen].any():
+            result[str(defect)] = pixel_auroc(masks[chosen], maps[chosen])
+    return result
+
+
 def aupr(labels, scores) -> float:
     """Area under the precision-recall curve of per-image scores (average precision,
     defective = positive class). Raises ValueError unless both classes are present."""
@@ -190,7 +209,8 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     (the F1 of calling everything defective, F1-max's baseline), ``aupr``,
     ``n_images``, ``n_defective`` and, when ``defects`` names each image's type
     ("good" for normal ones), ``per_defect`` (type -> image AUROC against the good
-    images). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
+    images) and, with masks, ``per_defect_pixel`` (type -> pixel AUROC, see
+    :func:`per_defect_pixel_auroc`). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
     :func:`f1_max`). The pixel keys are None when ``masks`` is
     None (``maps`` is then ignored, so image-level-only sets can pass their maps
     anyway) or no mask has a defect pixel. Masks and maps hold one N×H×W slice per
@@ -200,7 +220,7 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     labels, scores = _labels_and_scores(labels, scores)
     if masks is not None and maps is None:
         raise ValueError("pixel metrics need maps along with the masks")
-    pixel_auroc_value = aupro_value = None
+    pixel_auroc_value = aupro_value = per_defect_pixel = None
     if masks is not None:
         masks, maps = _masks_and_maps(masks, maps)
         if masks.shape[0] != labels.size:
@@ -210,6 +230,8 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
         if masks.any():
             pixel_auroc_value = pixel_auroc(masks, maps)
             aupro_value = aupro(masks, maps)
+            if defects is not None:
+                per_defect_pixel = per_defect_pixel_auroc(defects, masks, maps)
     return {
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc_value,
@@ -220,6 +242,7 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
         "n_images": int(labels.size),
         "n_defective": int(np.count_nonzero(labels)),
         **({"per_defect": per_defect_auroc(defects, scores)} if defects is not None else {}),
+        **({"per_defect_pixel": per_defect_pixel} if per_defect_pixel is not None else {}),
     }
 
 

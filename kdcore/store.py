@@ -46,6 +46,9 @@ from typing import Iterable, Iterator, Sequence
 DATA_DIR_ENV = "KDCORE_DATA_DIR"
 DEFAULT_DATA_DIR = "kdcore_data"
 GOOD = "good"
+# A defect type names a folder (test/<defect>, ground_truth/<defect>): no separators, no leading dot.
+DEFECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFECT_NAME_RULE = "use letters, digits, '_', '-' or '.', starting with a letter or digit"
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_STATUSES = (QUEUED, RUNNING)
@@ -534,10 +537,7 @@ class Store:
         """Remove a dataset, its images and files; models trained on it are kept (they are self-contained)."""
         dataset = self.get_dataset(dataset_id)
         with self._connect() as conn:
-            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE dataset_id = ? AND status IN (?, ?)",
-                                (dataset_id, *ACTIVE_STATUSES)).fetchone()[0]
-            if busy:
-                raise StoreError(f"{busy} job(s) still use this dataset: wait for them or cancel them first")
+            self._require_no_active_jobs(conn, dataset_id)
             conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
             _audit(conn, by, "delete dataset", f"#{dataset.id} '{dataset.name}'")
         # Files go after the rows: a crash in between leaves only an unreferenced folder, never a row without files.
@@ -564,6 +564,90 @@ class Store:
         rows = self._rows_in("SELECT sha256, path FROM images WHERE dataset_id = ? AND sha256 IN ({})",
                              (dataset_id,), hashes)
         return {row["sha256"]: row["path"] for row in rows}
+
+    def _require_no_active_jobs(self, conn: sqlite3.Connection, dataset_id: int) -> None:
+        busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE dataset_id = ? AND status IN (?, ?)",
+                            (dataset_id, *ACTIVE_STATUSES)).fetchone()[0]
+        if busy:
+            raise StoreError(f"{busy} job(s) still use this dataset: wait for them or cancel them first")
+
+    def _dataset_images(self, dataset_id: int, image_ids: Sequence[int]) -> list[ImageRecord]:
+        rows = self._rows_in("SELECT * FROM images WHERE dataset_id = ? AND id IN ({})", (dataset_id,),
+                             list(image_ids))
+        if len(rows) != len(set(image_ids)):
+            raise StoreError("some of the chosen images are no longer in this dataset: reload the page")
+        return [_record(ImageRecord, row) for row in rows]
+
+    def delete_images(self, dataset_id: int, image_ids: Sequence[int], by: str | None = None) -> int:
+        """Remove single images (with their masks and thumbnails) from a dataset; returns how many."""
+        images = self._dataset_images(dataset_id, image_ids)
+        with self._connect() as conn:
+            self._require_no_active_jobs(conn, dataset_id)
+            conn.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in images])
+            _audit(conn, by, "delete images", f"dataset #{dataset_id}: " + ", ".join(i.path for i in images))
+        folder = self.dataset_dir(dataset_id)
+        _unlink_all(folder / rel for i in images for rel in (i.path, i.mask_path, i.thumb_path) if rel)
+        return len(images)
+
+    def move_images(self, dataset_id: int, image_ids: Sequence[int], split: str, defect: str,
+                    by: str | None = None) -> int:
+        """Move images to another split or defect type (relabel); returns how many moved.
+
+        Training images are always good. A mask follows its image to another defect type and is dropped when
+        the image becomes good. An image without a mask cannot become a defect image of a dataset whose
+        defect images have masks (``load_dataset`` needs one for each), and the reverse.
+        """
+        defect = defect.strip()
+        if split not in ("train", "test"):
+            raise StoreError(f"split must be 'train' or 'test', got {split!r}")
+        if split == "train" and defect != GOOD:
+            raise StoreError("training images are normal: they can only be moved there as 'good'")
+        if not DEFECT_NAME.match(defect):
+            raise StoreError(f"'{defect}' is not a usable defect type name: {DEFECT_NAME_RULE}")
+        images = [i for i in self._dataset_images(dataset_id, image_ids) if (i.split, i.defect) != (split, defect)]
+        if defect != GOOD:
+            moving = {i.id for i in images}
+            staying = self._query("SELECT id, mask_path IS NOT NULL AS masked FROM images WHERE dataset_id = ? "
+                                  "AND split = 'test' AND defect != ?", (dataset_id, GOOD))
+            masked = {bool(i.mask_path) for i in images} | {bool(r["masked"]) for r in staying if r["id"] not in moving}
+            if len(masked) > 1:
+                raise StoreError("this dataset's defect images must all have masks or none have: an image "
+                                 "without a mask cannot join masked ones (add it again with its mask), nor the "
+                                 "other way round")
+        folder = self.dataset_dir(dataset_id)
+        target_dir = folder / split / defect
+        target_dir.mkdir(parents=True, exist_ok=True)
+        taken = {Path(name).stem for name in os.listdir(target_dir)}
+        moves: list[tuple[ImageRecord, Path, Path | None]] = []
+        done: list[tuple[Path, Path]] = []
+        try:
+            for image in images:
+                target = _unique_path(target_dir / Path(image.path).name, image.sha256, taken)
+                taken.add(target.stem)
+                os.replace(folder / image.path, target)
+                done.append((target, folder / image.path))
+                mask_target = None
+                if image.mask_path and defect != GOOD:
+                    mask_target = folder / "ground_truth" / defect / f"{target.stem}_mask{Path(image.mask_path).suffix}"
+                    mask_target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(folder / image.mask_path, mask_target)
+                    done.append((mask_target, folder / image.mask_path))
+                moves.append((image, target, mask_target))
+            with self._connect() as conn:
+                self._require_no_active_jobs(conn, dataset_id)
+                for image, target, mask_target in moves:
+                    conn.execute("UPDATE images SET split = ?, defect = ?, path = ?, mask_path = ? WHERE id = ?",
+                                 (split, defect, target.relative_to(folder).as_posix(),
+                                  mask_target.relative_to(folder).as_posix() if mask_target else None, image.id))
+                _audit(conn, by, "move images", f"dataset #{dataset_id} to {split}/{defect}: "
+                       + ", ".join(i.path for i in images))
+        except BaseException:
+            for moved, original in reversed(done):  # put the files back: rows and files must agree
+                os.replace(moved, original)
+            raise
+        # Masks of images that became good are no longer anybody's.
+        _unlink_all(folder / i.mask_path for i, _, mask_target in moves if i.mask_path and mask_target is None)
+        return len(moves)
 
     def defect_mask_state(self, dataset_id: int) -> bool | None:
         """Whether the dataset's defect images have masks: True, False, or None while it has none."""

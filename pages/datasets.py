@@ -85,8 +85,10 @@ def show_ingest_result() -> None:
 
 def add_section(dataset, existing_defects: list[str]) -> None:
     generation = st.session_state.get("upload_generation", 0)
+    # Tracked by key, so an upload's rerun lands on the same tab.
     normal_tab, test_tab, folder_tab = st.tabs(
-        ["Add normal images", "Add labelled test images", "Import a folder on the server"])
+        ["Add normal images", "Add labelled test images", "Import a folder on the server"], key="add_tab",
+        on_change="rerun")
     with normal_tab:
         files = st.file_uploader("Images of good parts, or zips of them", type=UPLOAD_TYPES,
                                  accept_multiple_files=True, key=f"normal_{generation}")
@@ -115,14 +117,14 @@ def add_section(dataset, existing_defects: list[str]) -> None:
 
 
 def gallery(dataset, counts: dict) -> None:
-    split = st.radio("Show", ["train", "test"], horizontal=True,
+    split = st.radio("Show", ["train", "test"], horizontal=True, key="gallery_split",
                      format_func={"train": "Normal training images", "test": "Test images"}.get)
     total = sum(n for (s, _), n in counts.items() if s == split)
     if not total:
         st.caption("No images here yet.")
         return
     pages = math.ceil(total / GALLERY_PAGE_SIZE)
-    page = st.number_input(f"Page (of {pages})", 1, pages, 1) if pages > 1 else 1
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
     images = store.list_images(dataset.id, split, limit=GALLERY_PAGE_SIZE, offset=(page - 1) * GALLERY_PAGE_SIZE)
     folder = store.dataset_dir(dataset.id)
     for row in range(0, len(images), GALLERY_COLUMNS):
@@ -131,6 +133,42 @@ def gallery(dataset, counts: dict) -> None:
             if split == "test":
                 label = f"{image.defect}{' · mask' if image.mask_path else ''} · {label}"
             column.image(str(folder / image.thumb_path), caption=label, width="stretch")
+            column.checkbox("Select", key=f"pick_{image.id}", label_visibility="collapsed",
+                            help=f"Select {label} to move, relabel or delete it")
+    chosen = [image.id for image in images if st.session_state.get(f"pick_{image.id}")]
+    if chosen:
+        edit_selection(dataset, chosen, counts)
+
+
+def edit_selection(dataset, chosen: list[int], counts: dict) -> None:
+    """Move (normal <-> test, defect type) or delete the images ticked on this gallery page."""
+    st.markdown(f"**{len(chosen)} selected**")
+    places = {"train/good": "Normal training images", "test/good": "Good test images"}
+    places |= {f"test/{d}": f"Test images: {d}" for (s, d) in counts if s == "test" and d != GOOD}
+    places["new"] = "Test images of a new defect type…"
+    move_col, name_col, button_col = st.columns([3, 2, 1], vertical_alignment="bottom")
+    target = move_col.selectbox("Move to", list(places), format_func=places.get, key="move_target")
+    split, defect = ("test", name_col.text_input("New defect type", key="move_new_defect")) if target == "new" \
+        else target.split("/")
+    if button_col.button("Move", type="primary", disabled=not defect.strip()):
+        try:
+            moved = store.move_images(dataset.id, chosen, split, defect, by=ui.current_user())
+            finish_edit(f"{moved} image(s) moved to {places.get(target, f'test images: {defect}')}.")
+        except StoreError as exc:
+            st.error(str(exc))
+    if ui.confirm_delete(f"Delete {len(chosen)} selected image(s)…", f"Delete {len(chosen)} image(s) (and their "
+                         "masks) from this dataset? Models trained on it are kept.", key="delete_selected"):
+        try:
+            finish_edit(f"{store.delete_images(dataset.id, chosen, by=ui.current_user())} image(s) deleted.")
+        except StoreError as exc:
+            st.error(str(exc))
+
+
+def finish_edit(message: str) -> None:
+    for key in [k for k in st.session_state if str(k).startswith("pick_")] + ["delete_selected"]:
+        st.session_state.pop(key, None)
+    st.session_state.edit_result = message
+    st.rerun()
 
 
 datasets = store.list_datasets()
@@ -145,6 +183,8 @@ show_counts(dataset, counts)
 show_ingest_result()
 add_section(dataset, sorted({defect for (split, defect) in counts if split == "test"}))
 st.subheader("Images")
+if message := st.session_state.pop("edit_result", None):
+    st.success(message)
 gallery(dataset, counts)
 st.divider()
 n_images = sum(counts.values())

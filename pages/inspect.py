@@ -34,7 +34,8 @@ def run(model, images, problems, source: str, note: str | None = None) -> None:
 
 
 def inputs(model) -> None:
-    folder_tab, upload_tab = st.tabs(["A folder on the server", "Upload images"])
+    folder_tab, upload_tab = st.tabs(["A folder on the server", "Upload images"], key="source_tab",
+                                    on_change="rerun")
     # A form: typing the path and pressing Enter or clicking the button is one action (a bare text input
     # commits on Enter or blur, so the first click would only commit the text).
     with folder_tab, st.form("inspect_folder", border=False):

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import synthetic
+from kdcore import data
 from kdcore.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -174,3 +175,42 @@ def test_create_upload_train_and_find_the_model(app, page, tmp_path):
     screenshot(page, "5-models")
     assert store.list_models()[0].method == "stpm"
     page.get_by_text("models/1.pt").wait_for()  # the selected model's file (the table itself is a canvas)
+
+
+def test_repair_a_dataset_one_image_at_a_time(app, page, tmp_path):
+    url, store = app
+    dataset = store.list_datasets()[0]
+    before = store.dataset_counts(dataset.id)
+    page.goto(f"{url}/datasets?dataset={dataset.id}")
+    page.get_by_role("tab", name="Add labelled test images").click()
+    wait_idle(page)
+    good = tmp_path / "good_test.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(good)
+    page.get_by_test_id("stFileUploaderDropzoneInput").nth(1).set_input_files(good)  # the test images' uploader
+    page.get_by_role("button", name="Add test images").click()
+    page.get_by_text("1 image(s) added").wait_for()
+    wait_idle(page)
+    # The rerun after an upload keeps the user on the tab they used.
+    sync_api.expect(page.get_by_role("tab", selected=True)).to_have_text("Add labelled test images")
+
+    page.get_by_test_id("stCheckbox").first.click()  # the first normal training image
+    wait_idle(page)
+    page.get_by_text("1 selected", exact=True).wait_for()
+    page.get_by_test_id("stSelectbox").filter(has_text="Move to").click()
+    page.get_by_role("option", name="Good test images").click()
+    page.get_by_role("button", name="Move", exact=True).click()
+    page.get_by_text("1 image(s) moved to Good test images").wait_for()
+    wait_idle(page)
+    counts = store.dataset_counts(dataset.id)
+    assert counts[("train", "good")] == before[("train", "good")] - 1
+    assert counts[("test", "good")] == before.get(("test", "good"), 0) + 2
+
+    page.get_by_test_id("stCheckbox").first.click()
+    wait_idle(page)
+    page.get_by_role("button", name="Delete 1 selected image(s)…").click()
+    page.get_by_role("button", name="Yes, delete").click()
+    page.get_by_text("1 image(s) deleted").wait_for()
+    wait_idle(page)
+    screenshot(page, "6-dataset-repaired")
+    assert store.dataset_counts(dataset.id)[("train", "good")] == before[("train", "good")] - 2
+    assert len(data.load_dataset(store.dataset_dir(dataset.id)).test) == 2

@@ -6,7 +6,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from kdcore.metrics import (aupr, aupro, evaluate, f1_all_defective, f1_max, image_auroc, per_defect_auroc,
-                            pixel_auroc)
+                            per_defect_pixel_auroc, pixel_auroc)
 
 # Six images with a tie between a defective and a normal one (0.4).
 LABELS = [0, 0, 1, 1, 0, 1]
@@ -338,3 +338,21 @@ def test_per_defect_auroc_compares_each_type_with_the_good_images_only():
     assert "per_defect" not in evaluate(labels, scores)
     with pytest.raises(ValueError, match="needs 'good' images"):
         per_defect_auroc(["dent", "dent"], [0.1, 0.2])
+
+
+def test_per_defect_pixel_auroc_pools_each_type_with_the_good_images_only():
+    rng = np.random.default_rng(3)
+    defects = np.array(["good", "dent", "good", "stain", "dent", "empty"])
+    masks = np.zeros((6, 8, 8), bool)
+    masks[[1, 3, 4], 2:5, 2:5] = True
+    maps = rng.random(masks.shape)
+    maps[1][masks[1]] += 1.0  # dent separates, stain does not
+    result = per_defect_pixel_auroc(defects, masks, maps)
+    assert list(result) == ["dent", "stain"]  # "empty" has no defect pixel to rank
+    for defect in result:
+        chosen = (defects == "good") | (defects == defect)
+        assert result[defect] == pytest.approx(roc_auc_score(masks[chosen].ravel(), maps[chosen].ravel()))
+    assert result["dent"] > result["stain"]
+    labels = defects != "good"
+    assert evaluate(labels, maps.max((1, 2)), masks, maps, defects)["per_defect_pixel"] == result
+    assert "per_defect_pixel" not in evaluate(labels, maps.max((1, 2)), defects=defects)

@@ -303,3 +303,55 @@ def test_an_unreadable_upload_is_named_by_its_own_name_not_a_temp_path(store, da
     (name, reason), = report.problems
     assert name == "broken.png" and "not a readable image" in reason
     assert str(store.root) not in reason and "tmp" not in reason
+
+
+def test_single_images_are_moved_relabelled_and_deleted_in_place(store, dataset, synthetic_root):
+    ingest.import_folder(store, dataset.id, synthetic_root)
+    by_place = lambda split, defect: [i for i in store.list_images(dataset.id, split) if i.defect == defect]
+    scratch, spot = by_place("test", "scratch"), by_place("test", "spot")
+    normal = by_place("train", GOOD)
+
+    # A missed defect's image relabelled to another type: its mask follows it.
+    assert store.move_images(dataset.id, [scratch[0].id], "test", "spot", by="qa") == 1
+    moved = next(i for i in store.list_images(dataset.id) if i.id == scratch[0].id)
+    assert moved.path.startswith("test/spot/") and moved.mask_path.startswith("ground_truth/spot/")
+    assert not (store.dataset_dir(dataset.id) / scratch[0].path).exists()
+
+    # A defect image moved to the normals loses its mask (nobody's any more); a normal image can go to test/good.
+    store.move_images(dataset.id, [spot[0].id], "train", GOOD)
+    store.move_images(dataset.id, [normal[0].id], "test", GOOD)
+    assert not (store.dataset_dir(dataset.id) / spot[0].mask_path).exists()
+    # Masked dataset: an image without a mask cannot become a defect image; a bad name is refused.
+    with pytest.raises(StoreError, match="all have masks or none"):
+        store.move_images(dataset.id, [normal[1].id], "test", "scratch")
+    with pytest.raises(StoreError, match="defect type name"):
+        store.move_images(dataset.id, [scratch[1].id], "test", "../escape")
+    with pytest.raises(StoreError, match="only be moved there as 'good'"):
+        store.move_images(dataset.id, [scratch[1].id], "train", "scratch")
+
+    assert store.delete_images(dataset.id, [scratch[1].id, normal[2].id], by="qa") == 2
+    for gone in (scratch[1].path, scratch[1].mask_path, scratch[1].thumb_path, normal[2].path):
+        assert not (store.dataset_dir(dataset.id) / gone).exists()
+    with pytest.raises(StoreError, match="no longer in this dataset"):
+        store.delete_images(dataset.id, [scratch[1].id])
+
+    # Rows and files agree: the folder loads with every image where its row says.
+    counts = store.dataset_counts(dataset.id)
+    assert counts == {("train", GOOD): 40 - 1 + 1 - 1, ("test", GOOD): 8 + 1, ("test", "scratch"): 6,
+                      ("test", "spot"): 8 + 1 - 1}
+    loaded = data.load_dataset(store.dataset_dir(dataset.id))
+    assert len(loaded.train) + len(loaded.holdout) == 39 and len(loaded.test) == 9 + 6 + 8
+    assert all(s.mask_path is not None for s in loaded.test if s.label)
+    assert [e["action"] for e in store.audit_entries()][:2] == ["delete images", "move images"]
+
+
+def test_images_of_a_dataset_in_use_by_a_job_stay_put(store, dataset, synthetic_root):
+    ingest.import_folder(store, dataset.id, synthetic_root)
+    image = store.list_images(dataset.id, "train")[0]
+    store.enqueue_job("train", "stpm", {}, dataset.id)
+    with pytest.raises(StoreError, match="job"):
+        store.move_images(dataset.id, [image.id], "test", GOOD)
+    with pytest.raises(StoreError, match="job"):
+        store.delete_images(dataset.id, [image.id])
+    assert (store.dataset_dir(dataset.id) / image.path).exists()
+    assert store.list_images(dataset.id, "train")[0] == image
