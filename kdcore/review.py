@@ -382,10 +382,24 @@ def false_positives(rows: Iterable[Row]) -> list[ImageRef]:
     return [row.image for row in rows if row.outcome == "FP"]
 
 
+def false_negatives(rows: Iterable[Row]) -> list[ImageRef]:
+    return [row.image for row in rows if row.outcome == "FN"]
+
+
+def _sources(images: Sequence[ImageRef]) -> list[ingest.SourceFile]:
+    return [ingest.SourceFile(image.name, lambda path=image.path: open(path, "rb")) for image in images]
+
+
 def add_to_normal_images(store: Store, dataset_id: int, images: Sequence[ImageRef]) -> ingest.IngestReport:
     """Add images (e.g. QA-confirmed false positives) to a dataset's normal training images; duplicates skip."""
-    sources = [ingest.SourceFile(image.name, lambda path=image.path: open(path, "rb")) for image in images]
-    return ingest.add_normal_images(store, dataset_id, sources)
+    return ingest.add_normal_images(store, dataset_id, _sources(images))
+
+
+def add_to_test_images(store: Store, dataset_id: int, defect: str, images: Sequence[ImageRef]) -> ingest.IngestReport:
+    """Add images (e.g. QA-confirmed missed defects) to a dataset's labelled test images as ``defect``, so that
+    the next evaluation counts them. A dataset whose defect images have masks refuses them (the report says
+    why): they need a mask, added on the Datasets page."""
+    return ingest.add_test_images(store, dataset_id, defect, _sources(images))
 
 
 CSV_COLUMNS = ["image", "score", "threshold", "verdict", "qa_mark", "qa_outcome", "path", "sha256", "model_id",

@@ -89,22 +89,41 @@ def summary(rows) -> None:
         cell.metric(label, value)
 
 
-def learn_from_false_positives(model, rows) -> None:
-    """Offer to add the images QA marked as false positives to the model's dataset, for the next training."""
-    if message := st.session_state.pop("added_false_positives", None):
-        st.success(message)
-    false_positives = review.false_positives(rows)
-    if not false_positives or model.dataset_id is None:
+def learn_from_review(model, rows) -> None:
+    """Offer to send what QA found back to the model's dataset: false positives to the normal images (the next
+    training learns them), missed defects to the labelled test images (the next evaluation counts them)."""
+    if result := st.session_state.pop("review_added", None):
+        show, message = result
+        getattr(st, show)(message)
+    false_positives, false_negatives = review.false_positives(rows), review.false_negatives(rows)
+    if model.dataset_id is None or not (false_positives or false_negatives):
         return
-    if st.button(f"Add the {len(false_positives)} false positive(s) to the normal images of '{model.dataset_name}'",
-                 help="They are good parts the model found suspicious: training on them teaches it otherwise. "
-                      "Train a new model afterwards."):
-        try:
-            report = review.add_to_normal_images(store, model.dataset_id, false_positives)
-            st.session_state.added_false_positives = f"'{model.dataset_name}': {report.summary()}."
-        except (ingest.RejectedUpload, StoreError) as exc:
-            st.session_state.added_false_positives = f"Nothing was added: {exc}"
-        st.rerun()
+    where = f"'{model.dataset_name}'"
+    if false_positives and st.button(
+            f"Add the {len(false_positives)} false positive(s) to the normal images of {where}",
+            help="They are good parts the model found suspicious: training on them teaches it otherwise. "
+                 "Train a new model afterwards."):
+        add_to_dataset(lambda: review.add_to_normal_images(store, model.dataset_id, false_positives), where)
+    if false_negatives:
+        name_col, button_col = st.columns([2, 3], vertical_alignment="bottom")
+        defect = name_col.text_input("Defect type of the missed defects", value="missed", key="missed_defect")
+        if button_col.button(f"Add the {len(false_negatives)} missed defect(s) to the test images of {where}",
+                             disabled=not defect.strip(),
+                             help="Evaluations of the dataset's models then count them."):
+            add_to_dataset(lambda: review.add_to_test_images(store, model.dataset_id, defect, false_negatives), where)
+
+
+def add_to_dataset(action, where: str) -> None:
+    """Run an ingest call; its outcome (green only when all went in, with every refusal's reason) is shown
+    after the rerun."""
+    try:
+        report = action()
+        reasons = "".join(f"\n- {name}: {why}" for name, why in report.problems)
+        st.session_state.review_added = ("success" if report.added and not report.problems else "warning",
+                                         f"{where}: {report.summary()}.{reasons}")
+    except (ingest.RejectedUpload, StoreError) as exc:
+        st.session_state.review_added = ("error", f"Nothing was added: {exc}")
+    st.rerun()
 
 
 def save_mark(row, key: str) -> None:
@@ -157,5 +176,5 @@ summary(rows)
 st.download_button("Download CSV", review.rows_csv(rows, inspection, model), type="primary",
                    file_name=f"inspection-{inspection.id}-{model.method}.csv", mime="text/csv",
                    icon=":material/download:")
-learn_from_false_positives(model, rows)
+learn_from_review(model, rows)
 table(model, inspection, rows)

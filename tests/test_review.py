@@ -144,6 +144,16 @@ def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review
     assert review_store.dataset_counts(stpm.dataset_id)[("train", "good")] == before + 1
     assert review.add_to_normal_images(review_store, stpm.dataset_id, [top.image]).duplicates
 
+    # The missed defect goes to the test images; a dataset whose defect images have masks needs one with it.
+    assert review.false_negatives(rows) == [second.image]
+    assert review_store.defect_mask_state(stpm.dataset_id)  # the synthetic set has masks
+    report = review.add_to_test_images(review_store, stpm.dataset_id, "missed", review.false_negatives(rows))
+    assert report.added == [] and "mask" in report.problems[0][1]
+    unmasked = review_store.create_dataset("no masks")
+    report = review.add_to_test_images(review_store, unmasked.id, "missed", review.false_negatives(rows))
+    assert report.added == [second.image.name]
+    assert review_store.dataset_counts(unmasked.id) == {("test", "missed"): 1}
+
 
 def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_store, synthetic_root):
     png = (synthetic_root / "test" / "good" / "good_000.png").read_bytes()

@@ -144,6 +144,14 @@ def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_f
     assert "1 image(s) added" in texts(at.success)
     assert review_store.dataset_counts(stpm.dataset_id)[("train", "good")] == before + 1
 
+    marks = [radio for radio in at.radio if radio.key and radio.key.startswith("qa_")]
+    marks[-1].set_value("wrong").run()  # QA: the lowest score, called OK, is a defect
+    assert by_label(at.metric, "False negatives").value == "1"
+    by_label(at.button, f"Add the 1 missed defect(s) to the test images of '{stpm.dataset_name}'").click().run()
+    # The synthetic set's defect images have masks: the missed one is refused, saying it needs one.
+    assert "0 image(s) added" in texts(at.warning) and "needs one" in texts(at.warning)
+    assert ("test", "missed") not in review_store.dataset_counts(stpm.dataset_id)
+
 
 def test_inspect_says_when_the_threshold_changed_since(review_store, models, tmp_path):
     stpm = models["stpm"]
