@@ -18,6 +18,9 @@ WEIGHTS = {
     "none": "None: random teacher (tests only)",
 }
 
+# Settings one click shares between the jobs it queues (the rest, epochs and batch size, are per method).
+SHARED_KEYS = ("size", "backbone", "weights", "device", "seed")
+
 store = ui.get_store()
 st.title("Train")
 
@@ -35,38 +38,60 @@ def choose_dataset():
         st.info("No dataset with at least 2 normal images yet.")
         st.page_link("pages/datasets.py", label="Add images on the Datasets page", icon=ui.ICONS["datasets"])
         return None
-    wanted = st.query_params.get("dataset", "")  # set by the Datasets page's "Train a model" link
+    wanted = st.query_params.get("dataset", "")  # in the URL: kept over a reload, set by other pages' links
     index = next((i for i, d in enumerate(trainable) if str(d.id) == wanted), 0)
-    return st.selectbox("Dataset", trainable, index=index,
-                        format_func=lambda d: f"{d.name} ({normal[d.id]} normal images)")
+    dataset = st.selectbox("Dataset", trainable, index=index,
+                           format_func=lambda d: f"{d.name} ({normal[d.id]} normal images)")
+    st.query_params["dataset"] = str(dataset.id)
+    return dataset
 
 
-def common_settings() -> dict | None:
+def last_settings(dataset) -> tuple[dict, dict[str, dict]]:
+    """Shared and per-method settings of the last click of Train on this dataset (its jobs, newest first,
+    share ``SHARED_KEYS``): the form opens as it was last used, after a reload too, since they live in the store."""
+    jobs = [job for job in store.list_jobs(TRAIN) if job.dataset_id == dataset.id]
+    if not jobs:
+        return {}, {}
+    shared = {key: jobs[0].params.get(key) for key in SHARED_KEYS}
+    per_method = {}
+    for job in jobs:
+        if {key: job.params.get(key) for key in SHARED_KEYS} != shared or job.method in per_method:
+            break
+        per_method[job.method] = {key: job.params[key] for key in ("epochs", "batch_size") if key in job.params}
+    return shared, dict(reversed(per_method.items()))  # in the order they were chosen
+
+
+def common_settings(last: dict) -> dict | None:
     """Settings shared by all chosen methods; None (with the reason shown) when they are incomplete."""
     size_col, backbone_col, weights_col = st.columns(3)
-    size = size_col.select_slider("Image size (pixels, square)", SIZES, value=256,
+    size = size_col.select_slider("Image size (pixels, square)", SIZES, value=last.get("size") or 256,
                                   help="Images are resized to this. Larger finds smaller defects but trains slower.")
-    backbone = backbone_col.text_input("Teacher backbone", value=DEFAULT_BACKBONE,
+    backbone = backbone_col.text_input("Teacher backbone", value=last.get("backbone") or DEFAULT_BACKBONE,
                                        help="Any timm CNN with features_only support.").strip()
-    weights = weights_col.selectbox("Teacher weights", list(WEIGHTS), format_func=WEIGHTS.get)
+    last_weights = last.get("weights") or "default"
+    choice = last_weights if last_weights in WEIGHTS else "file"
+    weights = weights_col.selectbox("Teacher weights", list(WEIGHTS), index=list(WEIGHTS).index(choice),
+                                    format_func=WEIGHTS.get)
     if weights == "file":
-        weights = weights_col.text_input("Weights file path").strip()
+        weights = weights_col.text_input("Weights file path", value="" if choice != "file" else last_weights).strip()
         if not Path(weights).expanduser().is_file():
             weights_col.warning("Enter the path of a weights file that exists on the server.")
             return None
     with st.expander("Advanced"):
         device_col, seed_col = st.columns(2)
-        device = device_col.selectbox("Device", ["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
-        seed = int(seed_col.number_input("Random seed", min_value=0, value=0))
+        devices = ["auto", "cpu", "cuda"]
+        device = device_col.selectbox("Device", devices, index=devices.index(last.get("device") or "auto"),
+                                      help="auto: a GPU if there is one")
+        seed = int(seed_col.number_input("Random seed", min_value=0, value=last.get("seed") or 0))
     return {"size": size, "backbone": backbone, "weights": weights, "device": device, "seed": seed}
 
 
-def per_method_settings(methods: list[str]) -> dict[str, dict]:
+def per_method_settings(methods: list[str], last: dict[str, dict]) -> dict[str, dict]:
     if methods:
         st.caption("Per method (preset to each method's own defaults)")
     settings = {}
     for name in methods:
-        defaults = method_defaults(name)
+        defaults = {**method_defaults(name), **last.get(name, {})}
         label, epochs_col, batch_col = st.columns([2, 1, 1], vertical_alignment="bottom")
         label.markdown(f"**{name}**")
         # Empty means the method's own default: per device for epochs, a preset's value for US.
@@ -96,11 +121,13 @@ def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:
 dataset = choose_dataset()
 if dataset is not None:
     available = list_trainable_methods()
-    methods = st.multiselect("Methods", available, default=[RECOMMENDED_METHOD] if RECOMMENDED_METHOD in available
-                             else available[:1],
+    last_shared, last_per_method = last_settings(dataset)
+    chosen_before = [name for name in last_per_method if name in available]
+    methods = st.multiselect("Methods", available, default=chosen_before or (
+                             [RECOMMENDED_METHOD] if RECOMMENDED_METHOD in available else available[:1]),
                              format_func=lambda name: f"{name} · {get_method_class(name).summary}")
-    common = common_settings()
-    per_method = per_method_settings(methods)
+    common = common_settings(last_shared)
+    per_method = per_method_settings(methods, last_per_method)
     if st.button("Train", type="primary", disabled=not methods or common is None):
         queue_jobs(dataset, common, per_method)
 

@@ -170,6 +170,13 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert "Queued 2 job(s)" in texts(at.success)
     assert "Waiting: place 1 in the queue" in texts(at.caption)
 
+    # A reload (a new session) opens the form as it was used on this dataset.
+    reloaded = open_page("pages/train.py")
+    assert by_label(reloaded.multiselect, "Methods").value == ["stpm", "rd"]
+    assert by_label(reloaded.select_slider, "Image size (pixels, square)").value == 64
+    assert reloaded.number_input(key="epochs_stpm").value == 1 and reloaded.number_input(key="epochs_rd").value is None
+    assert reloaded.query_params["dataset"] == str(dataset.id)
+
     at.button(key=f"cancel_{jobs['rd'].id}").click().run()
     assert store.get_job(jobs["rd"].id).status == CANCELLED
     at.button(key=f"rerun_{jobs['rd'].id}").click().run()  # a cancelled job runs again with the same settings
