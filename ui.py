@@ -12,8 +12,9 @@ from datetime import datetime
 
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
-from kdcore import thresholds, verdicts, worker
+from kdcore import review, thresholds, verdicts, worker
 from kdcore.data import IMAGE_EXTENSIONS
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
@@ -258,6 +259,26 @@ def pick_from_url(label: str, items: list, param: str, format_func) -> object:
     choice = st.selectbox(label, ids, index=index, format_func=lambda item_id: format_func(by_id[item_id]))
     st.query_params[param] = str(choice)
     return by_id[choice]
+
+
+@st.dialog("Full size", width="large")
+def full_size_view(model: Model, image, threshold: float, score: float) -> None:
+    """The original at its own resolution beside the heatmap with the threshold region (white) and the ground
+    truth (magenta), zoomed and panned together (drag a box, scroll; double-click resets)."""
+    original, overlay = review.full_size_pictures(get_store(), model, image, threshold)
+    height, width = original.shape[:2]
+    figure = make_subplots(1, 2, shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
+                           subplot_titles=["original", f"#{model.id} {model.method} · score {score:.4g}"])
+    for column, picture in enumerate((original, overlay), start=1):
+        figure.add_trace(go.Image(source=review.png_data_url(picture), hoverinfo="skip"), 1, column)
+    figure.update_xaxes(matches="x", showticklabels=False)
+    figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
+    # Two pictures side by side in the dialog's width (about 700 px), never taller than a laptop screen.
+    figure.update_layout(height=min(600, round(350 * height / width) + 40), margin=dict(l=0, r=0, t=30, b=0),
+                         dragmode="zoom")
+    st.plotly_chart(figure, key="full_size", config={"scrollZoom": True})
+    st.caption(f"{image.name} · {width}×{height} px · threshold {threshold:.4g} · {verdict_badge(verdicts.verdict(score, threshold))}"
+               " · white: above the threshold" + (" · magenta: ground truth" if image.mask_path else ""))
 
 
 def progress_bar(text: str):

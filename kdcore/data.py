@@ -406,10 +406,15 @@ def read_mask(path: PathArg, size: int) -> np.ndarray:
     into values that a threshold then moves).
     """
     size = _check_size(size)
+    return read_mask_at(path, size, size)
+
+
+def read_mask_at(path: PathArg, width: int, height: int) -> np.ndarray:
+    """``read_mask`` at any shape: ``bool`` (height, width)."""
     img = open_upright(path)
     try:
         binary = Image.fromarray(_mask_values(img) > 0).convert("L")
-        return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST)) > 0
+        return np.asarray(binary.resize((width, height), Image.Resampling.NEAREST)) > 0
     finally:
         img.close()
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from kdcore import calibration, data, ingest, visualize
+from kdcore import calibration, data, imaging, ingest, visualize
 from kdcore.store import GOOD, Inspection, Model, Store
 from kdcore.verdicts import NG, verdict
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 QA_MARKS = ("correct", "wrong")
 NORMAL, DEFECTIVE = 0, 1
 GT_COLOR = (255, 0, 255)  # ground-truth outline: magenta is not in the heatmap's colour scale
+# Longest side of a full-size view sent to the browser: more pixels than a screen shows even zoomed in twice.
+FULL_VIEW_MAX_SIDE = 2048
 SCORE_CHUNK = 64  # images read and scored per batch; scores are stored after each, so progress is durable
 _FLOAT16_MAX = 6.0e4
 
@@ -240,11 +242,13 @@ def threshold_range(model: Model) -> tuple[float, float, float]:
 
 
 # ------------------------------------------------------------------------------------------- pictures
-def resize_map(anomaly_map: np.ndarray, size: int) -> np.ndarray:
-    if anomaly_map.shape[0] == size:
+def resize_map(anomaly_map: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """The map (in the image frame) at height×width (default square): the picture's own shape."""
+    width = height if width is None else width
+    if anomaly_map.shape == (height, width):
         return anomaly_map
     return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize(
-        (size, size), Image.Resampling.BILINEAR))
+        (width, height), Image.Resampling.BILINEAR))
 
 
 def render(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, model: Model,
@@ -252,7 +256,7 @@ def render(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, model: 
     """RGB overlay: the map coloured on the model's normalised scale around ``threshold`` (anomalib style:
     the threshold is the middle colour), the outline of the region above it in white, the ground truth's in
     magenta. ``image`` (H×W×3 uint8) sets the size; the map is resized to it."""
-    anomaly_map = resize_map(anomaly_map, image.shape[0])
+    anomaly_map = resize_map(anomaly_map, *image.shape[:2])
     cal = model.calibration
     shown = calibration.normalize(anomaly_map, threshold, cal["min"], cal["max"])
     picture = visualize.overlay(image, shown, outline=anomaly_map > threshold)
@@ -267,6 +271,20 @@ def render_image(store: Store, model: Model, image: ImageRef, threshold: float, 
     size = size or model.params["size"]
     mask = data.read_mask(image.mask_path, size) if image.mask_path else None
     return render(data.read_image(image.path, size), load_map(store, model, image), threshold, model, mask)
+
+
+def full_size_pictures(store: Store, model: Model, image: ImageRef, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image at its own resolution and aspect ratio (longest side at most ``FULL_VIEW_MAX_SIDE``), and the
+    same picture with the map, the region above ``threshold`` and the ground truth over it (``render``)."""
+    img = imaging.open_upright(image.path)
+    try:
+        scale = min(1.0, FULL_VIEW_MAX_SIDE / max(img.size))
+        width, height = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        picture = np.asarray(imaging.to_8bit(img).resize((width, height), Image.Resampling.BILINEAR).convert("RGB"))
+    finally:
+        img.close()
+    mask = data.read_mask_at(image.mask_path, width, height) if image.mask_path else None
+    return picture, render(picture, load_map(store, model, image), threshold, model, mask)
 
 
 def png_data_url(picture: np.ndarray) -> str:

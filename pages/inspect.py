@@ -146,6 +146,8 @@ def table(model, inspection, rows) -> None:
                 picture.caption("file gone")
             name.markdown(f"**{row.image.name}**")
             name.caption(str(row.image.path))
+            if name.button("Full size", key=f"full_{row.image.sha256}", icon=":material/zoom_in:"):
+                ui.full_size_view(model, row.image, threshold, row.score)
             score.metric("Score", f"{row.score:.4g}", label_visibility="collapsed")
             verdict.markdown(ui.verdict_badge(row.verdict))
             key = f"qa_{inspection.id}_{row.image.sha256}"

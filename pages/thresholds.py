@@ -140,14 +140,6 @@ def charts(labelled, threshold, saved) -> None:
                                  "Precision-recall", "recall", "precision"), key="pr")
 
 
-@st.dialog("Image", width="large")
-def enlarge(model, image, threshold, score) -> None:
-    st.image(review.render_image(store, model, image, threshold, size=max(512, model.params["size"])),
-             width="stretch")
-    st.caption(f"{image.defect} · {image.name} · score {score:.4g} · threshold {threshold:.4g} · white: above "
-               "the threshold, magenta: ground truth")
-
-
 def gallery(model, labelled, threshold) -> None:
     """Thumbnails of the false positives and false negatives at ``threshold``, most wrong first."""
     judged_ng = labelled.scores > threshold
@@ -165,7 +157,7 @@ def gallery(model, labelled, threshold) -> None:
                     column.image(review.render_image(store, model, image, threshold), width="stretch",
                                  caption=f"{image.defect} · {labelled.scores[i]:.4g}")
                     if column.button("Enlarge", key=f"enlarge_{image.sha256}", width="stretch"):
-                        enlarge(model, image, threshold, labelled.scores[i])
+                        ui.full_size_view(model, image, threshold, labelled.scores[i])
             if len(indices) > GALLERY_MAX:
                 st.caption(f"The {GALLERY_MAX} most wrong of {len(indices)} shown.")
 

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import kdcore
 import synthetic
@@ -95,6 +96,27 @@ def test_render_colours_around_the_threshold_and_outlines_prediction_and_truth()
     assert (picture[0] == review.GT_COLOR).all()  # the ground truth's outline
     assert (picture[(review.resize_map(anomaly_map, 8) > 5.0) & ~truth] == 255).any()  # the white outline
     assert (picture[7, 7] == np.round(0.45 * review.visualize.LUT[0])).all()  # far below: coldest colour
+
+
+def test_full_size_view_keeps_the_originals_shape_with_map_and_truth_on_it(review_store, stpm, tmp_path,
+                                                                           monkeypatch):
+    rng = np.random.default_rng(0)
+    path, mask_path = tmp_path / "wide.png", tmp_path / "wide_mask.png"
+    Image.fromarray(rng.integers(0, 256, (90, 300), dtype=np.uint8)).save(path)  # 300 wide, 90 high
+    truth = np.zeros((90, 300), np.uint8)
+    truth[30:60, 200:260] = 255
+    Image.fromarray(truth).save(mask_path)
+    image = review.ImageRef(review.file_sha256(path), path.name, path, defect="dent", mask_path=mask_path)
+    review.score_images(review_store, stpm, [image], loader(review_store))
+    original, overlay = review.full_size_pictures(review_store, stpm, image, threshold=-1e9)  # all above it
+    assert original.shape == overlay.shape == (90, 300, 3)
+    assert (original[..., 0] == np.asarray(Image.open(path))).all()  # the file's own pixels, not resized
+    magenta = (overlay == review.GT_COLOR).all(-1)
+    rows, cols = np.nonzero(magenta)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (30, 59, 200, 259)  # the truth's outline, in place
+
+    monkeypatch.setattr(review, "FULL_VIEW_MAX_SIDE", 150)  # a huge original is sent at a bounded size
+    assert review.full_size_pictures(review_store, stpm, image, 0.0)[0].shape == (45, 150, 3)
 
 
 def new_parts(folder, n: int = 6):

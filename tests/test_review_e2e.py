@@ -116,3 +116,10 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     assert len(rows) == 8 and path.name == "inspection-1-rd.csv"
     assert all(float(row["threshold"]) == pytest.approx(saved["value"]) for row in rows)
     assert all(row["verdict"] == ("NG" if float(row["score"]) > saved["value"] else "OK") for row in rows)
+
+    page.get_by_role("button", name="Full size").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
+    sync_api.expect(dialog.get_by_text("64×64 px")).to_be_visible()
+    page.wait_for_timeout(1000)  # the dialog's opening animation
+    screenshot(page, "10-inspect-full-size")

@@ -95,9 +95,11 @@ def test_thresholds_gallery_enlarges_a_mistake(review_store, models):
     assert "False positives (good, judged NG): 8" in [tab.label for tab in at.tabs]
     enlarge = [button for button in at.button if button.label == "Enlarge"]
     assert len(enlarge) == 8
-    n_images = len(at.image)
+    n_charts = len(at.get("plotly_chart"))
     enlarge[0].click().run()
-    assert len(at.image) == n_images + 1 and "ground truth" in texts(at.caption)
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == n_charts + 1  # the original beside the heatmap, zoomable
+    assert "64×64 px" in texts(at.caption) and "white: above the threshold" in texts(at.caption)
 
 
 def test_thresholds_page_says_plainly_when_no_defects_are_labelled(review_store, models):
