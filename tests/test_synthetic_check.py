@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import one_torch_thread
@@ -40,3 +41,14 @@ def test_evaluate_synthetic_on_a_plain_folder_of_normals(synthetic_root, tmp_pat
     assert all(0 <= result[key] <= 1 for key in ("synthetic_image_auroc", "synthetic_pixel_auroc", "synthetic_aupro"))
     assert set(result["synthetic_per_kind"]) == set(KINDS)
     assert np.isfinite(result["synthetic_image_auroc"])
+
+
+def test_rank_agreement_of_the_synthetic_check_with_the_real_test_set():
+    from bench.synthetic_vs_real import agreement
+
+    same = agreement([0.9, 0.7, 0.8], [0.6, 0.4, 0.5])
+    assert same == {"spearman_rho": pytest.approx(1.0), "synthetic_pick_is_real_best": True,
+                    "real_rank_of_synthetic_pick": 1, "real_loss_of_synthetic_pick": 0.0}
+    reversed_ = agreement([0.9, 0.7, 0.8], [0.4, 0.6, 0.5])
+    assert reversed_["spearman_rho"] == pytest.approx(-1.0)
+    assert (reversed_["real_rank_of_synthetic_pick"], reversed_["real_loss_of_synthetic_pick"]) == (3, pytest.approx(0.2))
