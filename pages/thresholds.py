@@ -89,10 +89,12 @@ def histogram(labelled, threshold, saved) -> go.Figure:
     bins = dict(start=everything.min(), end=everything.max(), size=np.ptp(everything) / 40 or 1.0)  # shared
     figure = go.Figure([go.Histogram(x=values, name=f"{name} ({len(values)})", marker_color=COLORS[name],
                                      opacity=0.65, xbins=bins) for name, values in groups.items() if len(values)])
-    figure.add_vline(x=threshold, line_color="black", annotation_text="threshold")
+    # Labels above the plotting area, never over the bars: left and right of their lines, so they never meet.
+    figure.add_vline(x=threshold, line_color="black", annotation_text="threshold",
+                     annotation=dict(yref="paper", y=1.0, yanchor="bottom", xanchor="right"))
     if saved != threshold:
         figure.add_vline(x=saved, line_dash="dot", line_color="gray", annotation_text="saved",
-                         annotation_position="bottom right")
+                         annotation=dict(yref="paper", y=1.0, yanchor="bottom", xanchor="left"))
     figure.update_layout(barmode="overlay", title="Scores", xaxis_title="image score", yaxis_title="images",
                          **layout())
     return figure

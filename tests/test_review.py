@@ -37,7 +37,9 @@ def test_each_image_is_scored_once_per_model_and_matches_the_engine(review_store
     method = kdcore.load(review_store.model_file(stpm))
     maps, expected = method.predict(method.preprocess_paths([image.path for image in images]))
     np.testing.assert_allclose(scores[:len(images)], expected, rtol=1e-6)
-    np.testing.assert_allclose(review.load_map(review_store, stpm, images[3]), maps[3], rtol=2e-3, atol=1e-3)
+    cached = review.load_map(review_store, stpm, images[3])
+    np.testing.assert_allclose(cached, maps[3], rtol=1e-6)
+    assert cached.max() == np.float32(scores[3])  # the verdict's score is the drawn map's maximum, exactly
 
     again = review.score_images(review_store, stpm, images[::-1], never_load)  # all cached: order kept
     np.testing.assert_array_equal(again, scores[:len(images)][::-1])
@@ -96,6 +98,16 @@ def test_render_colours_around_the_threshold_and_outlines_prediction_and_truth()
     assert (picture[0] == review.GT_COLOR).all()  # the ground truth's outline
     assert (picture[(review.resize_map(anomaly_map, 8) > 5.0) & ~truth] == 255).any()  # the white outline
     assert (picture[7, 7] == np.round(0.45 * review.visualize.LUT[0])).all()  # far below: coldest colour
+
+
+def test_an_ng_verdict_always_shows_its_outline_even_shrunk():
+    model = type("M", (), {"calibration": {"min": 0.0, "max": 3.0}})()
+    anomaly_map = np.full((64, 64), 1.0, np.float32)
+    anomaly_map[37, 21] = 2.154  # one map pixel just above the threshold: the image is NG
+    picture = review.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.153, model)
+    white = np.argwhere((picture == 255).all(-1))
+    assert white.tolist() == [[37 // 4, 21 // 4]]  # the display pixel the map pixel falls in
+    assert not (review.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.2, model) == 255).all(-1).any()
 
 
 def test_full_size_view_keeps_the_originals_shape_with_map_and_truth_on_it(review_store, stpm, tmp_path,
