@@ -19,6 +19,8 @@ from kdcore.data import IMAGE_EXTENSIONS
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
 JOB_POLL_SECONDS = 2.0
+# How often review pages look for new or deleted models: one cheap query, the page reruns only on a change.
+MODEL_POLL_SECONDS = 5.0
 FINISHED_JOBS_SHOWN = 6
 # Material icons ship with Streamlit's font, so unlike emoji they render on machines without an emoji font.
 ICONS = {"home": ":material/home:", "datasets": ":material/photo_library:", "train": ":material/model_training:",
@@ -199,13 +201,21 @@ def load_method(model: Model):
 
 
 def trained_models() -> list[Model]:
-    """All models, newest first; with none, says where to get one and stops the page."""
+    """All models, newest first; with none, says where to get one and stops the page. The page reruns by
+    itself when a model appears or goes (a training finishes, another user deletes one)."""
     models = get_store().list_models()
+    _rerun_when_models_change([model.id for model in models])
     if not models:
         st.info("No trained models yet.")
         st.page_link("pages/train.py", label="Train one on the Train page", icon=ICONS["train"])
         st.stop()
     return models
+
+
+@st.fragment(run_every=MODEL_POLL_SECONDS)
+def _rerun_when_models_change(shown: list[int]) -> None:
+    if [model.id for model in get_store().list_models()] != shown:
+        st.rerun(scope="app")
 
 
 def model_label(model: Model) -> str:

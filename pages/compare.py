@@ -25,9 +25,18 @@ def dataset_image():
     if not datasets:
         st.info("No dataset has test images yet: upload an image, or add labelled test images on the Datasets page.")
         return None, None
+    if "dataset" not in st.query_params and st.query_params.get("model", "").isdigit():
+        # Opened from a model (Models page link): its dataset, not the first one.
+        linked = next((m for m in store.list_models() if m.id == int(st.query_params["model"])), None)
+        if linked is not None and linked.dataset_id is not None:
+            st.query_params["dataset"] = str(linked.dataset_id)
     dataset = ui.pick_from_url("Dataset", datasets, "dataset", lambda d: d.name)
     images = review.dataset_images(store, dataset.id)
     key = f"compare_image_{dataset.id}"
+    wanted = st.query_params.get("image", "")  # the URL keeps the image over a reload and in a shared link
+    if key not in st.session_state:
+        st.session_state[key] = int(wanted) if wanted.isdigit() else 0
+    st.session_state[key] = min(st.session_state[key], len(images) - 1)  # images may have been deleted since
     back, choice, forward = st.columns([1.2, 6, 1.2], vertical_alignment="bottom")
     back.button("Previous", icon=":material/chevron_left:", on_click=step, args=(key, -1, len(images)),
                 width="stretch")
@@ -35,6 +44,7 @@ def dataset_image():
                    width="stretch")
     index = choice.selectbox("Test image", range(len(images)), key=key,
                              format_func=lambda i: f"{i + 1}/{len(images)} · {images[i].defect} · {images[i].name}")
+    st.query_params["image"] = str(index)
     return images[index], dataset.id
 
 
@@ -49,9 +59,14 @@ def uploaded_image():
 
 
 def default_models(models, dataset_id):
-    """The newest models trained on the image's dataset (else the newest of all), at most MAX_MODELS."""
+    """The models in the URL (?models=3,5), else the newest trained on the image's dataset (else the newest of
+    all), at most MAX_MODELS."""
+    known = {m.id for m in models}
+    listed = [int(i) for i in st.query_params.get("models", "").split(",") if i.isdigit() and int(i) in known]
+    if listed:
+        return listed[:MAX_MODELS]
     own = [m for m in models if m.dataset_id == dataset_id]
-    return (own or models)[:MAX_MODELS]
+    return [m.id for m in (own or models)[:MAX_MODELS]]
 
 
 def slider_key(model) -> str:
@@ -111,7 +126,9 @@ def detail_view(models, overlays, maps) -> None:
     figure.update_xaxes(matches="x", showticklabels=False)
     figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
     # Square pictures side by side in the page's width (about 900 px): the height that leaves no blank bands.
-    figure.update_layout(height=900 // len(models) + 40, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom")
+    # uirevision: a threshold move redraws the pictures but keeps the user's zoom.
+    figure.update_layout(height=900 // len(models) + 40, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom",
+                         uirevision="compare")
     st.plotly_chart(figure, key="compare_detail", config={"scrollZoom": True})
 
 
@@ -119,10 +136,13 @@ def detail_view(models, overlays, maps) -> None:
 def viewer(image, models, scores) -> None:
     """Sliders and pictures: a slider move reruns only this, from the cached maps."""
     sync_col, reset_col = st.columns([3, 1], vertical_alignment="center")
+    if "compare_sync" not in st.session_state:  # kept in the URL over a reload
+        st.session_state.compare_sync = st.query_params.get("sync") == "1"
     sync_col.toggle("Sync thresholds", key="compare_sync", on_change=follow, args=(models[0], models),
                     help="Move all thresholds together on each model's normalised scale (its hold-out score "
                          "range, with its saved threshold at 0.5, as anomalib normalises). Switching it on "
                          "aligns every column on the first.")
+    st.query_params["sync"] = "1" if st.session_state.compare_sync else "0"
     reset_col.button("Reset to saved", on_click=reset, args=(models,), width="stretch",
                      help="Put every slider back on its model's saved threshold.")
     size = max(model.params["size"] for model in models)
@@ -147,8 +167,9 @@ if image is None:
     st.stop()
 by_id = {model.id: model for model in models}  # ids as options: widgets may return records of an earlier run
 chosen = [by_id[i] for i in st.multiselect("Models (two to five)", list(by_id), max_selections=MAX_MODELS,
-                                           default=[m.id for m in default_models(models, dataset_id)],
+                                           default=default_models(models, dataset_id),
                                            format_func=lambda i: ui.model_label(by_id[i]), key="compare_models")]
+st.query_params["models"] = ",".join(str(model.id) for model in chosen)
 if not chosen:
     st.stop()
 if len(chosen) == 1:

@@ -123,3 +123,22 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     sync_api.expect(dialog.get_by_text("64×64 px")).to_be_visible()
     page.wait_for_timeout(1000)  # the dialog's opening animation
     screenshot(page, "10-inspect-full-size")
+    page.keyboard.press("Escape")
+    sync_api.expect(dialog).to_have_count(0)
+
+
+def test_a_model_finished_meanwhile_appears_without_a_reload(app, page):
+    _, store = app
+    open_from_sidebar(page, "Compare")
+    page.get_by_text("Models (two to five)").wait_for()
+    wait_idle(page)
+    # A training finishes while the page is open (as the worker records one: a job, then its model).
+    first = store.get_model(1)
+    job = store.enqueue_job("train", first.method, first.params, first.dataset_id)
+    store.claim_next_job(os.getpid())
+    staged = store.make_tmp_dir("e2e-") / "model.pt"
+    shutil.copyfile(store.model_file(first), staged)
+    new = store.register_model(job.id, staged, {key: getattr(first, key) for key in (
+        "method", "params", "teacher_weights", "training", "calibration", "threshold")})
+    page.get_by_test_id("stMultiSelect").click()
+    sync_api.expect(page.get_by_role("option", name=f"#{new.id} {first.method}")).to_be_visible(timeout=20_000)

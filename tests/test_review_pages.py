@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import review, thresholds
+from kdcore import ingest, review, thresholds
 from test_app import by_label, open_page, texts
 from test_review import loader, new_parts
+from test_store import png
 
 
 @pytest.fixture
@@ -54,6 +55,27 @@ def test_compare_shows_a_column_per_model_and_a_threshold_only_recolours(review_
 
     by_label(at.button, "Next").click().run()
     assert by_label(at.selectbox, "Test image").value == 1 and not at.exception
+    assert (at.query_params["image"], at.query_params["sync"]) == ("1", "1")
+
+    # A reload (a new session on the same URL) keeps the image, the models and the sync switch.
+    by_label(at.multiselect, "Models (two to five)").set_value([stpm.id]).run()
+    reloaded = open_page()
+    for name in ("dataset", "image", "models", "sync"):
+        reloaded.query_params[name] = at.query_params[name]
+    reloaded.switch_page("pages/compare.py").run()
+    assert by_label(reloaded.selectbox, "Test image").value == 1
+    assert by_label(reloaded.multiselect, "Models (two to five)").value == [stpm.id]
+    assert reloaded.toggle(key="compare_sync").value is True
+
+
+def test_compare_opens_on_the_dataset_of_the_linked_model(review_store, models):
+    other = review_store.create_dataset("a first product")  # listed before the models' dataset ("synthetic")
+    ingest.add_test_images(review_store, other.id, "good", ingest.from_uploads([("a.png", png(1))]))
+    assert review_store.list_datasets()[0].id == other.id
+    at = open_page()
+    at.query_params["model"] = str(models["rd"].id)
+    at.switch_page("pages/compare.py").run()
+    assert by_label(at.selectbox, "Dataset").value == models["rd"].dataset_id
 
 
 def test_compare_an_uploaded_image(review_store, synthetic_root):
