@@ -251,3 +251,38 @@ def test_epochs_default_per_device():
     method = kdcore.create_method("rd", device="cpu")
     assert method.config.epochs == type(method).default_epochs["cpu"]
     assert kdcore.create_method("rd", epochs=3).config.epochs == 3
+
+
+def test_prediction_folds_batchnorm_and_keeps_the_maps(fitted, dataset):
+    from kdcore.batchnorm_folding import fold_batchnorm
+
+    method = fitted["rd"]
+    x = method.preprocess_paths([sample.path for sample in dataset.test[:4]])
+    method.predict(x)
+    folded = method._prediction_net()
+    assert folded is not method.net  # a copy: saving and further training use the unfolded network
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in method.net.modules())
+    images = x.images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():  # float32: bfloat16 rounding would hide what folding changes
+        expected, got = method.net.eval().anomaly_map(images), folded.anomaly_map(images)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    # A convolution whose output also feeds something else is not folded: the copy is checked and refused.
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+            self.norm.running_var.fill_(4.0)
+
+        def anomaly_map(self, x):
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    shared = Shared().eval()
+    kept, n_folded = fold_batchnorm(shared, torch.randn(1, 3, 8, 8), lambda net, t: net.anomaly_map(t))
+    assert kept is shared and n_folded == 0
+    # The same pair used alone folds.
+    folded_alone, n_folded = fold_batchnorm(shared, torch.randn(1, 3, 8, 8), lambda net, t: net.norm(net.conv(t)))
+    assert n_folded == 1 and isinstance(folded_alone.norm, torch.nn.Identity)

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from kdcore import calibration, data
+from kdcore.batchnorm_folding import fold_batchnorm
 from kdcore.backbones import DEFAULT_BACKBONE, Backbone, WeightsInfo
 from kdcore.ops import position_mean, to_image_frame
 
@@ -188,6 +189,8 @@ class AnomalyMethod:
         self.threshold: dict | None = None
         self.training_info: dict = {}
         self.map_offset: torch.Tensor | None = None  # S×S, with ``map_normalization="position"``
+        self._fitting = False
+        self._folded_net: nn.Module | None = None  # see ``_prediction_net``
         self.map_scale = 1.0
         self._mean = self._std = None
 
@@ -236,6 +239,7 @@ class AnomalyMethod:
         # Channels-last suits the CPU's convolution kernels (and tensor cores): measured 1.7x faster inference
         # and 5x faster STPM training steps than NCHW on EfficientNet-Lite0's depthwise convolutions.
         self.net = self.build_network(backbone).to(self.device, memory_format=torch.channels_last)
+        self._folded_net = None
 
     @property
     def is_fitted(self) -> bool:
@@ -293,16 +297,29 @@ class AnomalyMethod:
         return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
 
     def _maps(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        self.net.eval()
+        net = self._prediction_net()
         chunks = []
         with torch.inference_mode(), self._autocast():
             for chunk in x.split(batch_size):
                 chunk = chunk.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                chunks.append(self.net.anomaly_map(chunk).float()[:, 0].cpu())
+                chunks.append(net.anomaly_map(chunk).float()[:, 0].cpu())
         maps = torch.cat(chunks)
         if self.map_offset is not None:
             maps = (maps - self.map_offset) / self.map_scale
         return maps
+
+    def _prediction_net(self) -> nn.Module:
+        """The network that computes maps, in eval mode: while ``fit`` runs, ``net`` itself (its weights change);
+        after, a copy with BatchNorm folded into the convolutions (``kdcore.batchnorm_folding``), made once."""
+        self.net.eval()
+        if self._fitting:
+            return self.net
+        if self._folded_net is None:
+            size = self.config.size
+            example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(
+                self.device).contiguous(memory_format=torch.channels_last)
+            self._folded_net, _ = fold_batchnorm(self.net, example, lambda net, x: net.anomaly_map(x))
+        return self._folded_net
 
     def _holdout_scores(self, holdout: ModelInput) -> np.ndarray:
         """Image scores of the normal hold-out (kept as uint8 images to bound memory)."""
@@ -328,13 +345,17 @@ class AnomalyMethod:
         holdout_images, holdout_boxes = data.read_model_inputs(dataset.holdout, size, self.config.resize)
         holdout = ModelInput(self._to_uint8_tensor(holdout_images), torch.from_numpy(holdout_boxes))
         self.net.train()
-        self.setup_training(train_u8)
-        start = time.perf_counter()
-        if self.trains:
-            step, epoch, best_epoch, stopped = self._train_epochs(train_u8, holdout, progress, should_stop)
-        else:
-            step, epoch, best_epoch, stopped = 0, 0, 0, False
-        self.finish_training(holdout.images)
+        self._fitting, self._folded_net = True, None
+        try:
+            self.setup_training(train_u8)
+            start = time.perf_counter()
+            if self.trains:
+                step, epoch, best_epoch, stopped = self._train_epochs(train_u8, holdout, progress, should_stop)
+            else:
+                step, epoch, best_epoch, stopped = 0, 0, 0, False
+            self.finish_training(holdout.images)
+        finally:
+            self._fitting = False
         self._calibrate(self._fit_map_normalization(holdout))
         self.training_info = {
             "seconds": round(time.perf_counter() - start, 3), "steps": step, "epochs_run": epoch,
