@@ -47,6 +47,7 @@ def model_row(path: Path, dataset: data.AnomalyDataset) -> dict:
     real = evaluate_model(method, dataset) if dataset.test else {}
     row = {"model": path.name, "method": method.name, **synthetic_check(method, dataset)}
     row.update({key: real.get(key) for key, _ in PAIRS})
+    row.update({key: real[key] for key in ("per_defect", "per_defect_pixel") if key in real})
     print(f"{method.name}: " + ", ".join(f"{k} {row[k]:.3f}" for pair in PAIRS for k in pair
                                          if row.get(k) is not None), flush=True)
     return row
