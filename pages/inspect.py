@@ -131,6 +131,49 @@ def save_mark(row, key: str) -> None:
     review.set_qa_mark(store, row, None if value == NOT_REVIEWED else value, by=ui.current_user())
 
 
+def mark_and_advance(row, mark: str | None, key: str, count: int) -> None:
+    review.set_qa_mark(store, row, mark, by=ui.current_user())
+    st.session_state[key] = min(st.session_state.get(key, 0) + 1, count - 1)
+
+
+def move(key: str, delta: int, count: int) -> None:
+    st.session_state[key] = min(max(st.session_state.get(key, 0) + delta, 0), count - 1)
+
+
+@st.fragment
+def one_by_one(model, inspection, rows) -> None:
+    """Keyboard review: one image large; 1 = verdict correct, 2 = wrong (each saves and shows the next),
+    N next, B back. Only this part reruns, so a mark costs a database write and one picture."""
+    key = f"one_by_one_{inspection.id}"
+    index = min(st.session_state.get(key, 0), len(rows) - 1)
+    shown = rows[index]
+    # Marks made here since the page last ran are in the store, not in ``rows``.
+    row = review.Row(shown.image, shown.score, shown.verdict, store.qa_labels([shown.image.sha256]).get(
+        shown.image.sha256))
+    threshold = inspection.threshold["value"]
+    picture, side = st.columns([3, 2])
+    try:
+        picture.image(review.render_image(store, model, row.image, threshold, size=max(384, model.params["size"])),
+                      width="stretch")
+    except DataError:
+        picture.caption("file gone")
+    side.markdown(f"**{index + 1} of {len(rows)}** · {row.image.name}")
+    side.markdown(f"Score **{row.score:.4g}** &nbsp; {ui.verdict_badge(row.verdict)}")
+    side.markdown(f"QA: **{row.qa_mark or NOT_REVIEWED}**")
+    correct, wrong = side.columns(2)
+    correct.button("Correct", key="key_correct", shortcut="1", icon=":material/check:", width="stretch",
+                   on_click=mark_and_advance, args=(row, "correct", key, len(rows)), type="primary")
+    wrong.button("Wrong", key="key_wrong", shortcut="2", icon=":material/close:", width="stretch",
+                 on_click=mark_and_advance, args=(row, "wrong", key, len(rows)))
+    back, forward = side.columns(2)
+    back.button("Back", key="key_back", shortcut="B", icon=":material/chevron_left:", width="stretch",
+                on_click=move, args=(key, -1, len(rows)), disabled=index == 0)
+    forward.button("Next", key="key_next", shortcut="N", icon=":material/chevron_right:", width="stretch",
+                   on_click=move, args=(key, 1, len(rows)), disabled=index == len(rows) - 1)
+    side.caption("Keys: 1 correct · 2 wrong (both save and go on) · N next · B back. The counts above update "
+                 "when you leave this mode.")
+
+
 def table(model, inspection, rows) -> None:
     shown = st.radio("Show", list(FILTERS), horizontal=True, key="inspect_filter")
     rows = [row for row in rows if FILTERS[shown](row)]
@@ -179,4 +222,7 @@ st.download_button("Download CSV", review.rows_csv(rows, inspection, model), typ
                    file_name=f"inspection-{inspection.id}-{model.method}.csv", mime="text/csv",
                    icon=":material/download:")
 learn_from_review(model, rows)
-table(model, inspection, rows)
+if rows and st.toggle("Review one by one, at the keyboard", key="one_by_one"):
+    one_by_one(model, inspection, rows)
+else:
+    table(model, inspection, rows)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -125,6 +126,29 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     screenshot(page, "10-inspect-full-size")
     page.keyboard.press("Escape")
     sync_api.expect(dialog).to_have_count(0)
+
+    # Keyboard review: 1 = the verdict is correct, 2 = wrong; each saves and shows the next image.
+    page.get_by_text("Review one by one, at the keyboard").click()
+    page.get_by_text("1 of 8").wait_for()
+    wait_idle(page)
+    page.evaluate("document.activeElement.blur()")  # shortcuts are not taken while a widget has the focus
+    ordered = sorted(rows, key=lambda row: float(row["score"]), reverse=True)
+    first, second = ordered[0]["sha256"], ordered[1]["sha256"]
+    started = time.monotonic()
+    page.keyboard.press("1")
+    page.get_by_text("2 of 8").wait_for()
+    mark_seconds = time.monotonic() - started
+    page.keyboard.press("2")
+    page.get_by_text("3 of 8").wait_for()
+    page.keyboard.press("b")
+    page.get_by_text("2 of 8").wait_for()
+    sync_api.expect(page.get_by_text("QA: wrong")).to_be_visible()
+    wait_idle(page)
+    screenshot(page, "11-inspect-keyboard")
+    labels = store.qa_labels([first, second])
+    # Both images are NG at this threshold (spots): "correct" says defective, "wrong" says normal.
+    assert labels == {first: 1, second: 0}, labels
+    print(f"\nkeyboard mark to next image shown: {mark_seconds:.2f} s")
 
 
 def test_a_model_finished_meanwhile_appears_without_a_reload(app, page):
