@@ -188,7 +188,8 @@ def table(model, inspection, rows) -> None:
             except DataError:  # the folder was cleaned up since: the score and verdict still stand
                 picture.caption("file gone")
             name.markdown(f"**{row.image.name}**")
-            name.caption(str(row.image.path))
+            # An upload's file is named by its content hash: where it came from says more.
+            name.caption("uploaded" if inspection.source == "upload" else str(row.image.path))
             if name.button("Full size", key=f"full_{row.image.sha256}", icon=":material/zoom_in:"):
                 ui.full_size_view(model, row.image, threshold, row.score)
             score.metric("Score", f"{row.score:.4g}", label_visibility="collapsed")
