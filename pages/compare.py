@@ -103,6 +103,8 @@ def threshold_slider(model, models) -> float:
 def model_column(model, models, image, picture, mask, score) -> tuple:
     """One model's column; returns its overlay and its map at the display size, for the detail view."""
     st.markdown(f"**#{model.id} {model.method}** · {model.params['size']} px", help=ui.model_label(model))
+    if evidence := evidence_line(model.metrics or {}):
+        st.caption(evidence)
     image_slot, verdict_slot = st.empty(), st.empty()
     threshold = threshold_slider(model, models)  # drawn below the picture, but needed to draw it
     anomaly_map = review.resize_map(review.load_map(store, model, image), picture.shape[0])
@@ -110,6 +112,15 @@ def model_column(model, models, image, picture, mask, score) -> tuple:
     image_slot.image(overlay, width="stretch")
     verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(verdicts.verdict(score, threshold))}")
     return overlay, anomaly_map
+
+
+def evidence_line(metrics: dict) -> str:
+    """The model's evaluation in one line: real test images first, synthetic defects otherwise."""
+    for prefix, where in (("", "test set"), ("synthetic_", "synthetic defects")):
+        values = [metrics.get(f"{prefix}{key}") for key in ("image_auroc", "pixel_auroc")]
+        if values[0] is not None:
+            return f"{where}: image AUROC {values[0]:.3f}" + (f", pixel {values[1]:.3f}" if values[1] is not None else "")
+    return ""
 
 
 def detail_view(models, overlays, maps) -> None:

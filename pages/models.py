@@ -7,7 +7,7 @@ import streamlit as st
 
 import ui
 from kdcore.recommend import recommend
-from kdcore.store import EVALUATE, EXPORT, Model, StoreError
+from kdcore.store import EVALUATE, EXPORT, TRAIN, Model, StoreError
 
 METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO",
            "f1_max": "image F1-max",
@@ -97,6 +97,30 @@ def recommendation(model: Model, models: list[Model]) -> None:
             "its images per second here.")
 
 
+def combine(model: Model, models: list[Model]) -> None:
+    """Queue an ensemble of the selected model and others of its dataset, of the same input size."""
+    partners = [m for m in models if m.dataset_id == model.dataset_id and m.id != model.id and m.dataset_id
+                and m.params.get("size") == model.params.get("size")
+                and m.params.get("resize") == model.params.get("resize")]
+    if not partners:
+        return
+    with st.expander("Combine with other models (ensemble)"):
+        st.caption("The ensemble averages its members' maps, each standardised on the hold-out normals; it often "
+                   "beats its best member and costs the sum of their inference times. Models of the same "
+                   "dataset and input size.")
+        by_id = {m.id: m for m in partners}
+        chosen = st.multiselect("Combine with", list(by_id), format_func=lambda i: ui.model_label(by_id[i]),
+                                key=f"ensemble_with_{model.id}")
+        if st.button("Queue ensemble", disabled=not chosen, key=f"ensemble_{model.id}"):
+            members = [model, *(by_id[i] for i in chosen)]
+            job = store.enqueue_job(TRAIN, "ensemble", {
+                "members": [str(store.model_file(m)) for m in members], "size": model.params.get("size", 256)},
+                model.dataset_id)
+            ui.supervise()
+            st.success(f"Queued job #{job.id}: an ensemble of " + ", ".join(f"#{m.id} {m.method}" for m in members)
+                       + ". It appears here when done; evaluate it to compare.")
+
+
 def bundle_threshold(model: Model) -> dict | None:
     """The threshold record inside the model's bundle zip, or None when there is no readable bundle."""
     try:
@@ -143,6 +167,7 @@ else:
     recommendation(model, models)
     details(model)
     actions(model)
+    combine(model, models)
     deployment(model)
 
 st.subheader("Evaluation jobs")

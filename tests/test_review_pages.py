@@ -243,3 +243,32 @@ def test_inspect_says_what_a_folder_holds_recurses_and_never_duplicates(review_s
     by_label(at.button, "Inspect folder").click().run()  # the same again (Enter, then a click)
     (inspection,) = review_store.list_inspections(stpm.id)
     assert inspection.n_images == len(list(nested.glob("*.png")))
+
+
+def test_models_page_queues_an_ensemble_that_the_worker_builds(review_store, models):
+    from kdcore import worker
+
+    stpm, rd = models["stpm"], models["rd"]
+    at = open_page()
+    at.query_params["model"] = str(stpm.id)
+    at.switch_page("pages/models.py").run()
+    at.multiselect(key=f"ensemble_with_{stpm.id}").set_value([rd.id]).run()
+    at.button(key=f"ensemble_{stpm.id}").click().run()
+    assert not at.exception and "an ensemble of #1 stpm, #2 rd" in texts(at.success)
+    (job,) = review_store.list_jobs("train", limit=1)
+    assert job.method == "ensemble" and job.params["size"] == stpm.params["size"]
+
+    assert worker.run_worker(review_store.root, idle_exit_seconds=0) == 1
+    assert review_store.get_job(job.id).status == "done", review_store.get_job(job.id).message
+    ensemble = review_store.get_model(review_store.get_job(job.id).model_id)
+    assert ensemble.method == "ensemble" and ensemble.dataset_id == stpm.dataset_id
+    loaded = kdcore.load(review_store.model_file(ensemble))
+    assert [spec["method"] for spec in loaded.config.member_specs] == ["stpm", "rd"]
+    images, _ = review.folder_images(new_parts(review_store.root / "inbox" / "ens"))
+    assert len(review.score_images(review_store, ensemble, images, loader(review_store))) == len(images)
+
+
+def test_compare_shows_each_models_evaluation(review_store, models):
+    review_store.set_model_metrics(models["rd"].id, {"synthetic_image_auroc": 0.8771, "synthetic_pixel_auroc": 0.9})
+    at = open_page("pages/compare.py")
+    assert "synthetic defects: image AUROC 0.877, pixel 0.900" in texts(at.caption)
