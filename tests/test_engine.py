@@ -253,10 +253,14 @@ def test_epochs_default_per_device():
     assert kdcore.create_method("rd", epochs=3).config.epochs == 3
 
 
-def test_prediction_folds_batchnorm_and_keeps_the_maps(fitted, dataset):
+def test_prediction_folds_batchnorm_and_keeps_the_maps(fitted, dataset, monkeypatch):
     from kdcore.batchnorm_folding import fold_batchnorm
 
     method = fitted["rd"]
+    if method._bf16_device() is not None:  # bfloat16 prediction keeps BatchNorm (see _prediction_net)
+        assert method._prediction_net() is method.net
+    monkeypatch.setattr(method.config, "precision", "fp32")
+    monkeypatch.setattr(method, "_folded_net", None)
     x = method.preprocess_paths([sample.path for sample in dataset.test[:4]])
     method.predict(x)
     folded = method._prediction_net()
