@@ -284,11 +284,13 @@ def full_size_view(model: Model, image, threshold: float, score: float) -> None:
     figure.update_xaxes(matches="x", showticklabels=False)
     figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
     # Two pictures side by side in the dialog's width (about 700 px), never taller than a laptop screen.
-    figure.update_layout(height=min(600, round(350 * height / width) + 40), margin=dict(l=0, r=0, t=30, b=0),
+    # The top margin keeps the titles clear of the chart toolbar that appears on hover.
+    figure.update_layout(height=min(620, round(350 * height / width) + 60), margin=dict(l=0, r=0, t=50, b=0),
                          dragmode="zoom")
     st.plotly_chart(figure, key="full_size", config={"scrollZoom": True})
-    st.caption(f"{image.name} · {width}×{height} px · threshold {threshold:.4g} · {verdict_badge(verdicts.verdict(score, threshold))}"
-               " · white: above the threshold" + (" · magenta: ground truth" if image.mask_path else ""))
+    verdict = verdict_badge(verdicts.verdict(score, threshold))
+    st.caption(f"{image.name} · {width}×{height} px · threshold {threshold:.4g} · {verdict} · white: above the "
+               "threshold" + (" · magenta: ground truth" if image.mask_path else ""))
 
 
 def progress_bar(text: str):

@@ -137,8 +137,9 @@ def detail_view(models, overlays, maps) -> None:
     figure.update_xaxes(matches="x", showticklabels=False)
     figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
     # Square pictures side by side in the page's width (about 900 px): the height that leaves no blank bands.
-    # uirevision: a threshold move redraws the pictures but keeps the user's zoom.
-    figure.update_layout(height=900 // len(models) + 40, margin=dict(l=0, r=0, t=30, b=0), dragmode="zoom",
+    # uirevision: a threshold move redraws the pictures but keeps the user's zoom. The top margin keeps the
+    # titles clear of the chart toolbar that appears on hover.
+    figure.update_layout(height=900 // len(models) + 60, margin=dict(l=0, r=0, t=50, b=0), dragmode="zoom",
                          uirevision="compare")
     st.plotly_chart(figure, key="compare_detail", config={"scrollZoom": True})
 
