@@ -641,9 +641,11 @@ class Store:
                                   mask_target.relative_to(folder).as_posix() if mask_target else None, image.id))
                 _audit(conn, by, "move images", f"dataset #{dataset_id} to {split}/{defect}: "
                        + ", ".join(i.path for i in images))
-        except BaseException:
+        except BaseException as exc:
             for moved, original in reversed(done):  # put the files back: rows and files must agree
                 os.replace(moved, original)
+            if isinstance(exc, OSError):
+                raise StoreError(f"nothing was moved: {exc.strerror or exc} ({exc.filename})") from exc
             raise
         # Masks of images that became good are no longer anybody's.
         _unlink_all(folder / i.mask_path for i, _, mask_target in moves if i.mask_path and mask_target is None)

@@ -355,3 +355,13 @@ def test_images_of_a_dataset_in_use_by_a_job_stay_put(store, dataset, synthetic_
         store.delete_images(dataset.id, [image.id])
     assert (store.dataset_dir(dataset.id) / image.path).exists()
     assert store.list_images(dataset.id, "train")[0] == image
+
+
+def test_a_move_that_cannot_touch_a_file_moves_nothing(store, dataset, synthetic_root):
+    ingest.import_folder(store, dataset.id, synthetic_root)
+    scratch = [i for i in store.list_images(dataset.id, "test") if i.defect == "scratch"][:2]
+    (store.dataset_dir(dataset.id) / scratch[1].mask_path).unlink()  # damaged by hand
+    before = snapshot(store)
+    with pytest.raises(StoreError, match="nothing was moved"):
+        store.move_images(dataset.id, [i.id for i in scratch], "test", "spot")
+    assert snapshot(store) == before
