@@ -273,8 +273,17 @@ class _AnomalibAsMethod:
         self.preprocess_paths = preprocessor.preprocess_paths
         self._predict = predict
 
-    def predict(self, x: torch.Tensor, batch_size: int = 32):
-        return self._predict(x.contiguous(), batch_size)  # anomalib's default layout: NCHW
+    def predict(self, x, batch_size: int = 32):
+        """Maps in the image frame and scores as kdcore's ``predict`` makes them from a ``ModelInput``: the
+        letterbox margins cut away, the score the maximum of what is left (anomalib's own score also covers the
+        margins, which kdcore's never sees)."""
+        from kdcore.ops import to_image_frame
+
+        maps, _ = self._predict(x.images.contiguous(), batch_size)  # anomalib's default layout: NCHW
+        maps = torch.from_numpy(maps)
+        if x.boxes is not None:
+            maps = to_image_frame(maps, x.boxes)
+        return maps.numpy(), maps.amax(dim=(1, 2)).numpy()
 
 
 def run_accuracy_child(spec: dict) -> dict:
@@ -299,7 +308,8 @@ def run_accuracy_child(spec: dict) -> dict:
         # kdcore's preprocessing (read, resize, Lite0 normalisation) for anomalib too; its network is not needed.
         kd._build("none")
         kd.net = None
-        train_u8 = kd._to_uint8_tensor(data.read_images(dataset.train, size))
+        # The same geometry as kdcore's (letterbox by default), so both see the same pictures.
+        train_u8 = kd._to_uint8_tensor(data.read_model_inputs(dataset.train, size, kd.config.resize)[0])
         batch = min(batch, len(train_u8))
         generator = torch.Generator().manual_seed(seed)
         for _ in range(epochs):  # kdcore's batching: shuffled, ragged last batch dropped
