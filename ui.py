@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from kdcore import review, thresholds, verdicts, worker
+from kdcore import heatmaps, thresholds, verdicts, worker
 from kdcore.data import IMAGE_EXTENSIONS
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
@@ -275,12 +275,12 @@ def pick_from_url(label: str, items: list, param: str, format_func) -> object:
 def full_size_view(model: Model, image, threshold: float, score: float) -> None:
     """The original at its own resolution beside the heatmap with the threshold region (white) and the ground
     truth (magenta), zoomed and panned together (drag a box, scroll; double-click resets)."""
-    original, overlay = review.full_size_pictures(get_store(), model, image, threshold)
+    original, overlay = heatmaps.full_size_pictures(get_store(), model, image, threshold)
     height, width = original.shape[:2]
     figure = make_subplots(1, 2, shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
                            subplot_titles=["original", f"#{model.id} {model.method} · score {score:.4g}"])
     for column, picture in enumerate((original, overlay), start=1):
-        figure.add_trace(go.Image(source=review.png_data_url(picture), hoverinfo="skip"), 1, column)
+        figure.add_trace(go.Image(source=heatmaps.png_data_url(picture), hoverinfo="skip"), 1, column)
     figure.update_xaxes(matches="x", showticklabels=False)
     figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
     # Two pictures side by side in the dialog's width (about 700 px), never taller than a laptop screen.

@@ -13,7 +13,6 @@ Threshold convention (as everywhere in kdcore): an image is NG iff ``score > thr
 """
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import io
@@ -25,9 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from kdcore import calibration, data, imaging, ingest, visualize
+from kdcore import data, ingest
 from kdcore.store import GOOD, Inspection, Model, Store
 from kdcore.verdicts import NG, verdict
 
@@ -36,9 +34,6 @@ if TYPE_CHECKING:
 
 QA_MARKS = ("correct", "wrong")
 NORMAL, DEFECTIVE = 0, 1
-GT_COLOR = (255, 0, 255)  # ground-truth outline: magenta is not in the heatmap's colour scale
-# Longest side of a full-size view sent to the browser: more pixels than a screen shows even zoomed in twice.
-FULL_VIEW_MAX_SIDE = 2048
 SCORE_CHUNK = 64  # images read and scored per batch; scores are stored after each, so progress is durable
 
 MethodLoader = Callable[[Model], "AnomalyMethod"]
@@ -238,63 +233,6 @@ def threshold_range(model: Model) -> tuple[float, float, float]:
     below = math.ceil((saved - min(cal["min"], saved) + span) / step)
     above = math.ceil((max(cal["max"], saved) + span - saved) / step)
     return saved - below * step, saved + above * step, step
-
-
-# ------------------------------------------------------------------------------------------- pictures
-def resize_map(anomaly_map: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
-    """The map (in the image frame) at height×width (default square): the picture's own shape."""
-    width = height if width is None else width
-    if anomaly_map.shape == (height, width):
-        return anomaly_map
-    return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BILINEAR))
-
-
-def render(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, model: Model,
-           gt_mask: np.ndarray | None = None) -> np.ndarray:
-    """RGB overlay: the map coloured on the model's normalised scale around ``threshold`` (anomalib style:
-    the threshold is the middle colour), the outline of the region above it in white, the ground truth's in
-    magenta. ``image`` (H×W×3 uint8) sets the size; the map is resized to it."""
-    height, width = image.shape[:2]
-    # The region is cut at the map's own resolution, where the score (its maximum) was taken, and any of its
-    # pixels marks the display pixel it falls in: an NG verdict always shows an outline, however small.
-    region = Image.fromarray(np.uint8(anomaly_map > threshold) * 255).resize((width, height), Image.Resampling.BOX)
-    anomaly_map = resize_map(anomaly_map, height, width)
-    cal = model.calibration
-    shown = calibration.normalize(anomaly_map, threshold, cal["min"], cal["max"])
-    picture = visualize.overlay(image, shown, outline=np.asarray(region) > 0)
-    if gt_mask is not None:
-        picture[visualize.contour(gt_mask)] = GT_COLOR
-    return picture
-
-
-def render_image(store: Store, model: Model, image: ImageRef, threshold: float, size: int | None = None
-                 ) -> np.ndarray:
-    """``render`` for a scored image read from disk, at ``size`` (default: the model's input size)."""
-    size = size or model.params["size"]
-    mask = data.read_mask(image.mask_path, size) if image.mask_path else None
-    return render(data.read_image(image.path, size), load_map(store, model, image), threshold, model, mask)
-
-
-def full_size_pictures(store: Store, model: Model, image: ImageRef, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The image at its own resolution and aspect ratio (longest side at most ``FULL_VIEW_MAX_SIDE``), and the
-    same picture with the map, the region above ``threshold`` and the ground truth over it (``render``)."""
-    img = imaging.open_upright(image.path)
-    try:
-        scale = min(1.0, FULL_VIEW_MAX_SIDE / max(img.size))
-        width, height = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        picture = np.asarray(imaging.to_8bit(img).resize((width, height), Image.Resampling.BILINEAR).convert("RGB"))
-    finally:
-        img.close()
-    mask = data.read_mask_at(image.mask_path, width, height) if image.mask_path else None
-    return picture, render(picture, load_map(store, model, image), threshold, model, mask)
-
-
-def png_data_url(picture: np.ndarray) -> str:
-    """An RGB uint8 picture as a PNG ``data:`` URL (what plotly's Image trace takes as its source)."""
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # ------------------------------------------------------------------------------------------- labelled sets

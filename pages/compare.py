@@ -4,7 +4,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import ui
-from kdcore import data, review, verdicts
+from kdcore import data, heatmaps, review, verdicts
 
 MAX_MODELS = 5
 HOVER_CELLS = 64  # the detail view's hover grid per side: enough to read scores, small enough to send quickly
@@ -107,8 +107,8 @@ def model_column(model, models, image, picture, mask, score) -> tuple:
         st.caption(evidence)
     image_slot, verdict_slot = st.empty(), st.empty()
     threshold = threshold_slider(model, models)  # drawn below the picture, but needed to draw it
-    anomaly_map = review.resize_map(review.load_map(store, model, image), picture.shape[0])
-    overlay = review.render(picture, anomaly_map, threshold, model, mask)
+    anomaly_map = heatmaps.resize_map(review.load_map(store, model, image), picture.shape[0])
+    overlay = heatmaps.render(picture, anomaly_map, threshold, model, mask)
     image_slot.image(overlay, width="stretch")
     verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(verdicts.verdict(score, threshold))}")
     return overlay, anomaly_map
@@ -128,7 +128,7 @@ def detail_view(models, overlays, maps) -> None:
     figure = make_subplots(1, len(models), shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
                            subplot_titles=[f"#{m.id} {m.method}" for m in models])
     for column, (overlay, anomaly_map) in enumerate(zip(overlays, maps), start=1):
-        figure.add_trace(go.Image(source=review.png_data_url(overlay), hoverinfo="skip"), 1, column)
+        figure.add_trace(go.Image(source=heatmaps.png_data_url(overlay), hoverinfo="skip"), 1, column)
         factor = max(1, anomaly_map.shape[0] // HOVER_CELLS)
         grid = anomaly_map[factor // 2::factor, factor // 2::factor]
         figure.add_trace(go.Heatmap(z=grid, x0=factor // 2, dx=factor, y0=factor // 2, dy=factor, opacity=0,

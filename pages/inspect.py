@@ -4,7 +4,7 @@ import math
 import streamlit as st
 
 import ui
-from kdcore import ingest, review, verdicts
+from kdcore import heatmaps, ingest, review, verdicts
 from kdcore.data import DataError
 from kdcore.store import StoreError
 
@@ -153,7 +153,7 @@ def one_by_one(model, inspection, rows) -> None:
     threshold = inspection.threshold["value"]
     picture, side = st.columns([3, 2])
     try:
-        picture.image(review.render_image(store, model, row.image, threshold, size=max(384, model.params["size"])),
+        picture.image(heatmaps.render_image(store, model, row.image, threshold, size=max(384, model.params["size"])),
                       width="stretch")
     except DataError:
         picture.caption("file gone")
@@ -184,7 +184,7 @@ def table(model, inspection, rows) -> None:
         with st.container(border=True):
             picture, name, score, verdict, mark = st.columns([1, 3, 1, 1, 3], vertical_alignment="center")
             try:
-                picture.image(review.render_image(store, model, row.image, threshold), width=96)
+                picture.image(heatmaps.render_image(store, model, row.image, threshold), width=96)
             except DataError:  # the folder was cleaned up since: the score and verdict still stand
                 picture.caption("file gone")
             name.markdown(f"**{row.image.name}**")

@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from kdcore import review, thresholds
+from kdcore import heatmaps, review, thresholds
 
 GALLERY_COLUMNS = 6
 GALLERY_MAX = 24  # per kind: the worst ones; more would only slow the page
@@ -156,7 +156,7 @@ def gallery(model, labelled, threshold) -> None:
             for row in range(0, min(len(indices), GALLERY_MAX), GALLERY_COLUMNS):
                 for column, i in zip(st.columns(GALLERY_COLUMNS), indices[row:row + GALLERY_COLUMNS]):
                     image = labelled.images[i]
-                    column.image(review.render_image(store, model, image, threshold), width="stretch",
+                    column.image(heatmaps.render_image(store, model, image, threshold), width="stretch",
                                  caption=f"{image.defect} · {labelled.scores[i]:.4g}")
                     if column.button("Enlarge", key=f"enlarge_{image.sha256}", width="stretch"):
                         ui.full_size_view(model, image, threshold, labelled.scores[i])

@@ -10,7 +10,7 @@ from PIL import Image
 
 import kdcore
 import synthetic
-from kdcore import calibration, cli, review, thresholds, verdicts
+from kdcore import calibration, cli, heatmaps, review, thresholds, verdicts
 from kdcore.store import Store
 
 
@@ -93,21 +93,21 @@ def test_render_colours_around_the_threshold_and_outlines_prediction_and_truth()
     model = type("M", (), {"calibration": {"min": 0.0, "max": 10.0}})()
     truth = np.zeros((8, 8), bool)
     truth[0, :] = True
-    picture = review.render(image, anomaly_map, 5.0, model, truth)
+    picture = heatmaps.render(image, anomaly_map, 5.0, model, truth)
     assert picture.shape == (8, 8, 3)
-    assert (picture[0] == review.GT_COLOR).all()  # the ground truth's outline
-    assert (picture[(review.resize_map(anomaly_map, 8) > 5.0) & ~truth] == 255).any()  # the white outline
-    assert (picture[7, 7] == np.round(0.45 * review.visualize.LUT[0])).all()  # far below: coldest colour
+    assert (picture[0] == heatmaps.GT_COLOR).all()  # the ground truth's outline
+    assert (picture[(heatmaps.resize_map(anomaly_map, 8) > 5.0) & ~truth] == 255).any()  # the white outline
+    assert (picture[7, 7] == np.round(0.45 * heatmaps.visualize.LUT[0])).all()  # far below: coldest colour
 
 
 def test_an_ng_verdict_always_shows_its_outline_even_shrunk():
     model = type("M", (), {"calibration": {"min": 0.0, "max": 3.0}})()
     anomaly_map = np.full((64, 64), 1.0, np.float32)
     anomaly_map[37, 21] = 2.154  # one map pixel just above the threshold: the image is NG
-    picture = review.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.153, model)
+    picture = heatmaps.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.153, model)
     white = np.argwhere((picture == 255).all(-1))
     assert white.tolist() == [[37 // 4, 21 // 4]]  # the display pixel the map pixel falls in
-    assert not (review.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.2, model) == 255).all(-1).any()
+    assert not (heatmaps.render(np.zeros((16, 16, 3), np.uint8), anomaly_map, 2.2, model) == 255).all(-1).any()
 
 
 def test_full_size_view_keeps_the_originals_shape_with_map_and_truth_on_it(review_store, stpm, tmp_path,
@@ -120,15 +120,15 @@ def test_full_size_view_keeps_the_originals_shape_with_map_and_truth_on_it(revie
     Image.fromarray(truth).save(mask_path)
     image = review.ImageRef(review.file_sha256(path), path.name, path, defect="dent", mask_path=mask_path)
     review.score_images(review_store, stpm, [image], loader(review_store))
-    original, overlay = review.full_size_pictures(review_store, stpm, image, threshold=-1e9)  # all above it
+    original, overlay = heatmaps.full_size_pictures(review_store, stpm, image, threshold=-1e9)  # all above it
     assert original.shape == overlay.shape == (90, 300, 3)
     assert (original[..., 0] == np.asarray(Image.open(path))).all()  # the file's own pixels, not resized
-    magenta = (overlay == review.GT_COLOR).all(-1)
+    magenta = (overlay == heatmaps.GT_COLOR).all(-1)
     rows, cols = np.nonzero(magenta)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (30, 59, 200, 259)  # the truth's outline, in place
 
-    monkeypatch.setattr(review, "FULL_VIEW_MAX_SIDE", 150)  # a huge original is sent at a bounded size
-    assert review.full_size_pictures(review_store, stpm, image, 0.0)[0].shape == (45, 150, 3)
+    monkeypatch.setattr(heatmaps, "FULL_VIEW_MAX_SIDE", 150)  # a huge original is sent at a bounded size
+    assert heatmaps.full_size_pictures(review_store, stpm, image, 0.0)[0].shape == (45, 150, 3)
 
 
 def new_parts(folder, n: int = 6):
