@@ -204,7 +204,7 @@ def trained_models() -> list[Model]:
     """All models, newest first; with none, says where to get one and stops the page. The page reruns by
     itself when a model appears or goes (a training finishes, another user deletes one)."""
     models = get_store().list_models()
-    _rerun_when_models_change([model.id for model in models])
+    rerun_when_models_change(models)
     if not models:
         st.info("No trained models yet.")
         st.page_link("pages/train.py", label="Train one on the Train page", icon=ICONS["train"])
@@ -212,9 +212,14 @@ def trained_models() -> list[Model]:
     return models
 
 
+def rerun_when_models_change(shown: list[Model]) -> None:
+    """Rerun the page when the store's models differ from ``shown`` (polled every ``MODEL_POLL_SECONDS``)."""
+    _watch_models([model.id for model in shown])
+
+
 @st.fragment(run_every=MODEL_POLL_SECONDS)
-def _rerun_when_models_change(shown: list[int]) -> None:
-    if [model.id for model in get_store().list_models()] != shown:
+def _watch_models(shown_ids: list[int]) -> None:
+    if [model.id for model in get_store().list_models()] != shown_ids:
         st.rerun(scope="app")
 
 

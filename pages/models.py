@@ -156,6 +156,7 @@ def queue_export(model: Model) -> None:
 
 
 models = store.list_models()
+ui.rerun_when_models_change(models)  # a finished training or ensemble appears without a reload
 if not models:
     st.info("No trained models yet.")
     st.page_link("pages/train.py", label="Train one on the Train page", icon=ui.ICONS["train"])
