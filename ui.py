@@ -276,22 +276,28 @@ def pick_from_url(label: str, items: list, param: str, format_func) -> object:
     return by_id[choice]
 
 
+def linked_pictures(pictures: list, titles: list[str], height: int) -> go.Figure:
+    """Pictures side by side in one plotly figure whose axes are matched: zooming or panning one moves all."""
+    figure = make_subplots(1, len(pictures), shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
+                           subplot_titles=titles)
+    for column, picture in enumerate(pictures, start=1):
+        figure.add_trace(go.Image(source=heatmaps.png_data_url(picture), hoverinfo="skip"), 1, column)
+    figure.update_xaxes(matches="x", showticklabels=False)
+    figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
+    # The top margin keeps the titles clear of the chart toolbar that appears on hover.
+    figure.update_layout(height=height, margin=dict(l=0, r=0, t=50, b=0), dragmode="zoom")
+    return figure
+
+
 @st.dialog("Full size", width="large")
 def full_size_view(model: Model, image, threshold: float, score: float) -> None:
     """The original at its own resolution beside the heatmap with the threshold region (white) and the ground
     truth (magenta), zoomed and panned together (drag a box, scroll; double-click resets)."""
     original, overlay = heatmaps.full_size_pictures(get_store(), model, image, threshold)
     height, width = original.shape[:2]
-    figure = make_subplots(1, 2, shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
-                           subplot_titles=["original", f"#{model.id} {model.method} · score {score:.4g}"])
-    for column, picture in enumerate((original, overlay), start=1):
-        figure.add_trace(go.Image(source=heatmaps.png_data_url(picture), hoverinfo="skip"), 1, column)
-    figure.update_xaxes(matches="x", showticklabels=False)
-    figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
     # Two pictures side by side in the dialog's width (about 700 px), never taller than a laptop screen.
-    # The top margin keeps the titles clear of the chart toolbar that appears on hover.
-    figure.update_layout(height=min(620, round(350 * height / width) + 60), margin=dict(l=0, r=0, t=50, b=0),
-                         dragmode="zoom")
+    figure = linked_pictures([original, overlay], ["original", f"#{model.id} {model.method} · score {score:.4g}"],
+                             height=min(620, round(350 * height / width) + 60))
     st.plotly_chart(figure, key="full_size", config={"scrollZoom": True})
     verdict = verdict_badge(verdicts.verdict(score, threshold))
     st.caption(f"{image.name} · {width}×{height} px · threshold {threshold:.4g} · {verdict} · white: above the "

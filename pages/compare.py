@@ -1,10 +1,10 @@
 """Compare: one image, two to five models side by side. Thresholds only recolour maps computed once per model."""
 import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
 import ui
 from kdcore import data, heatmaps, review, verdicts
+from kdcore.store import StoreError
 
 MAX_MODELS = 5
 HOVER_CELLS = 64  # the detail view's hover grid per side: enough to read scores, small enough to send quickly
@@ -27,7 +27,10 @@ def dataset_image():
         return None, None
     if "dataset" not in st.query_params and st.query_params.get("model", "").isdigit():
         # Opened from a model (Models page link): its dataset, not the first one.
-        linked = next((m for m in store.list_models() if m.id == int(st.query_params["model"])), None)
+        try:
+            linked = store.get_model(int(st.query_params["model"]))
+        except StoreError:  # deleted since the link was made
+            linked = None
         if linked is not None and linked.dataset_id is not None:
             st.query_params["dataset"] = str(linked.dataset_id)
     dataset = ui.pick_from_url("Dataset", datasets, "dataset", lambda d: d.name)
@@ -125,22 +128,16 @@ def evidence_line(metrics: dict) -> str:
 
 def detail_view(models, overlays, maps) -> None:
     """Plotly subplots with matched axes: zooming or panning one model zooms them all."""
-    figure = make_subplots(1, len(models), shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.01,
-                           subplot_titles=[f"#{m.id} {m.method}" for m in models])
-    for column, (overlay, anomaly_map) in enumerate(zip(overlays, maps), start=1):
-        figure.add_trace(go.Image(source=heatmaps.png_data_url(overlay), hoverinfo="skip"), 1, column)
+    # Square pictures side by side in the page's width (about 900 px): the height that leaves no blank bands.
+    figure = ui.linked_pictures(list(overlays), [f"#{m.id} {m.method}" for m in models],
+                                height=900 // len(models) + 60)
+    for column, anomaly_map in enumerate(maps, start=1):  # invisible, for the map value under the pointer
         factor = max(1, anomaly_map.shape[0] // HOVER_CELLS)
         grid = anomaly_map[factor // 2::factor, factor // 2::factor]
         figure.add_trace(go.Heatmap(z=grid, x0=factor // 2, dx=factor, y0=factor // 2, dy=factor, opacity=0,
                                     showscale=False, hovertemplate="x %{x}, y %{y}<br>map %{z:.4g}<extra></extra>"),
                          1, column)
-    figure.update_xaxes(matches="x", showticklabels=False)
-    figure.update_yaxes(matches="y", showticklabels=False, autorange="reversed", scaleanchor="x")
-    # Square pictures side by side in the page's width (about 900 px): the height that leaves no blank bands.
-    # uirevision: a threshold move redraws the pictures but keeps the user's zoom. The top margin keeps the
-    # titles clear of the chart toolbar that appears on hover.
-    figure.update_layout(height=900 // len(models) + 60, margin=dict(l=0, r=0, t=50, b=0), dragmode="zoom",
-                         uirevision="compare")
+    figure.update_layout(uirevision="compare")  # a threshold move redraws the pictures but keeps the zoom
     st.plotly_chart(figure, key="compare_detail", config={"scrollZoom": True})
 
 
