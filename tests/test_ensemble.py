@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import kdcore
 from conftest import one_torch_thread
@@ -49,6 +50,17 @@ def test_the_map_is_the_mean_of_the_members_standardised_maps(members, synthetic
                 member_path.with_suffix(".moved").rename(member_path)
         result = evaluate_model(ensemble, dataset)
     assert result["image_auroc"] > 0.9  # it finds the synthetic defects
+
+
+def test_an_ensemble_saved_with_one_scale_per_member_still_loads(members, synthetic_root, tmp_path):
+    """Files written before members could carry a per-position map scale hold one number per member."""
+    with one_torch_thread():
+        path = create_method("ensemble", members=members).fit(synthetic_root).save(tmp_path / "e.pt")
+    payload = torch.load(path, weights_only=False)
+    payload["state_dict"]["map_scale"] = torch.tensor([2.0, 3.0])
+    torch.save(payload, path)
+    scale = kdcore.load(path).net.map_scale
+    assert scale.shape == (2, 64, 64) and bool((scale[0] == 2.0).all()) and bool((scale[1] == 3.0).all())
 
 
 def test_cli_ensemble_and_its_errors(members, synthetic_root, tmp_path, capsys):

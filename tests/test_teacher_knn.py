@@ -38,6 +38,24 @@ def test_fits_without_training_and_separates_defects(fitted, dataset):
     assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9, result
 
 
+def test_maps_are_z_scored_per_position_on_the_holdout(fitted, dataset):
+    assert fitted.config.map_normalization == "zscore"
+    scale = fitted.map_scale
+    assert scale.shape == fitted.map_offset.shape == (64, 64) and scale.min() > 0
+    assert scale.std() > 0  # one std per position, not one number
+    x = fitted.preprocess_paths([s.path for s in dataset.test[:3]])
+    normalized, _ = fitted.predict(x)
+    offset = fitted.map_offset
+    fitted.map_offset, fitted.map_scale = None, 1.0
+    try:
+        raw, _ = fitted.predict(x)
+    finally:
+        fitted.map_offset, fitted.map_scale = offset, scale
+    np.testing.assert_allclose(normalized, (raw - offset.numpy()) / scale.numpy(), rtol=1e-5, atol=1e-5)
+    holdout, _ = fitted.predict(fitted.preprocess_paths(dataset.holdout))
+    assert abs(holdout.mean()) < 0.2
+
+
 def test_a_memory_smaller_than_asked_repeats_real_vectors(dataset):
     method = kdcore.create_method("teacher_knn", size=64, bank_size=20000, bank_images=1).fit(dataset)
     bank = method.net.bank

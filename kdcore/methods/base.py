@@ -31,9 +31,12 @@ from kdcore.ops import position_mean, to_image_frame
 FORMAT_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32")
-MAP_NORMALIZATIONS = ("none", "position")
-# Smoothing of the per-position hold-out mean, in map pixels; as US's per-position statistics.
+MAP_NORMALIZATIONS = ("none", "position", "zscore")
+# Smoothing of the per-position hold-out statistics, in map pixels; as US's per-position statistics.
 POSITION_SIGMA = 4.0
+# "zscore": a position's std is floored at this fraction of the median position's, so that a place where the
+# hold-out happens to be nearly constant cannot turn noise into a high score.
+POSITION_STD_FLOOR = 0.1
 # Percentile of the normal hold-out scores used as the threshold until QA saves one.
 DEFAULT_THRESHOLD_PERCENTILE = 99.0
 
@@ -58,7 +61,9 @@ class MethodConfig:
     resize: str = "letterbox"
     # "position": after training, the map's per-position mean on the normal hold-out (smoothed) is subtracted
     # and the map divided by the hold-out maps' global std, so that places where normal images always respond
-    # (fixture edges, borders) do not decide the image score. "none": the method's raw map.
+    # (fixture edges, borders) do not decide the image score. "zscore": divided by the per-position std (smoothed)
+    # instead, so that places where normal images *vary* (a crop's border) count less as well. "none": the
+    # method's raw map.
     map_normalization: str = "position"
     # Values of parameters added after models were saved, which reproduce those models: a saved config that
     # lacks a key gets it from here, not from today's default.
@@ -188,10 +193,10 @@ class AnomalyMethod:
         self.calibration: dict | None = None
         self.threshold: dict | None = None
         self.training_info: dict = {}
-        self.map_offset: torch.Tensor | None = None  # S×S, with ``map_normalization="position"``
+        self.map_offset: torch.Tensor | None = None  # S×S, with ``map_normalization`` "position" or "zscore"
         self._fitting = False
         self._folded_net: nn.Module | None = None  # see ``_prediction_net``
-        self.map_scale = 1.0
+        self.map_scale: float | torch.Tensor = 1.0  # S×S with "zscore"
         self._mean = self._std = None
 
     @classmethod
@@ -424,9 +429,13 @@ class AnomalyMethod:
         """Fit ``map_offset``/``map_scale`` on the hold-out's maps; returns its image scores under them."""
         self.map_offset, self.map_scale = None, 1.0
         maps = torch.cat([self._maps(self._normalize(chunk), 32) for chunk in holdout.images.split(32)])
-        if self.config.map_normalization == "position":
+        if self.config.map_normalization in ("position", "zscore"):
             self.map_offset = position_mean(maps, POSITION_SIGMA)
-            self.map_scale = max(float((maps - self.map_offset).std()), 1e-12)
+            if self.config.map_normalization == "zscore":
+                std = position_mean((maps - self.map_offset).pow(2), POSITION_SIGMA).sqrt()
+                self.map_scale = std.clamp_min(max(POSITION_STD_FLOOR * float(std.median()), 1e-12))
+            else:
+                self.map_scale = max(float((maps - self.map_offset).std()), 1e-12)
             maps = (maps - self.map_offset) / self.map_scale
         return _in_image_frame(maps, holdout.boxes).amax(dim=(1, 2)).numpy()
 
@@ -458,7 +467,8 @@ class AnomalyMethod:
             "teacher_weights": self.teacher_weights.as_dict(), "calibration": self.calibration,
             "threshold": self.threshold, "training": self.training_info, "versions": _library_versions(),
             "map_normalization": None if self.map_offset is None else
-            {"offset": self.map_offset.clone(), "scale": self.map_scale},
+            {"offset": self.map_offset.clone(),
+             "scale": self.map_scale.clone() if torch.is_tensor(self.map_scale) else self.map_scale},
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -488,7 +498,8 @@ class AnomalyMethod:
         method.threshold = payload["threshold"]
         method.training_info = payload.get("training", {})
         if (normalization := payload.get("map_normalization")) is not None:
-            method.map_offset, method.map_scale = normalization["offset"], float(normalization["scale"])
+            scale = normalization["scale"]
+            method.map_offset, method.map_scale = normalization["offset"], scale if torch.is_tensor(scale) else float(scale)
         method.net.eval()
         return method
 

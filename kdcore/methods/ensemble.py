@@ -33,9 +33,16 @@ class EnsembleNetwork(nn.Module):
         self.register_buffer("input_mean", torch.zeros(k, 3))
         self.register_buffer("input_std", torch.ones(k, 3))
         self.register_buffer("map_offset", torch.zeros(k, size, size))  # each member's own map normalisation
-        self.register_buffer("map_scale", torch.ones(k))
+        self.register_buffer("map_scale", torch.ones(k, size, size))  # per position with "zscore" members
         self.register_buffer("holdout_mean", torch.zeros(k))  # of the member's normalised hold-out maps
         self.register_buffer("holdout_std", torch.ones(k))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Ensembles saved before members could carry a per-position scale hold one number per member.
+        scale = state_dict.get(prefix + "map_scale")
+        if scale is not None and scale.dim() == 1:
+            state_dict[prefix + "map_scale"] = scale.view(-1, 1, 1).expand_as(self.map_scale).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def member_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each member's map of ``x`` (pixels in [0, 1]) as the member itself gives it, N×S×S float32."""
