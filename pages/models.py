@@ -21,11 +21,17 @@ store = ui.get_store()
 st.title("Models")
 
 
-def table_row(model: Model, with_metrics: bool) -> dict:
+def metric_cell(value: float | None) -> str:
+    # Text, so that a model without this metric shows a dash rather than the grid's "None"; three decimals
+    # in [0, 1] still sort correctly as text.
+    return "–" if value is None else f"{value:.3f}"
+
+
+def table_row(model: Model, metric_keys: list[str]) -> dict:
     holdout = model.calibration
     row = {"id": model.id, "method": model.method, "dataset": model.dataset_name}
-    if with_metrics:  # right after the model's name: what decides between models is on screen without scrolling
-        row.update({label: (model.metrics or {}).get(key) for key, label in METRICS.items()})
+    # Right after the model's name: what decides between models is on screen without scrolling.
+    row.update({METRICS[key]: metric_cell((model.metrics or {}).get(key)) for key in metric_keys})
     row.update({
         "size": model.params.get("size"), "epochs": model.training.get("epochs_run"),
         "trained": ui.when(model.created_at), "training time": ui.duration(model.training.get("seconds")),
@@ -36,15 +42,18 @@ def table_row(model: Model, with_metrics: bool) -> dict:
 
 
 def models_table(models: list[Model]) -> None:
-    with_metrics = any(model.metrics for model in models)
+    # Only the metrics some model has: an image-level dataset never gets pixel columns full of dashes.
+    metric_keys = [key for key in METRICS if any((model.metrics or {}).get(key) is not None for model in models)]
     numbers = {label: st.column_config.NumberColumn(format="%.4g")
                for label in ["hold-out mean", "hold-out p99", "threshold"]}
-    numbers.update({label: st.column_config.NumberColumn(format="%.3f") for label in METRICS.values()})
-    st.dataframe([table_row(model, with_metrics) for model in models], hide_index=True, width="stretch",
+    st.dataframe([table_row(model, metric_keys) for model in models], hide_index=True, width="stretch",
                  column_config=numbers)
-    if not with_metrics:
+    if not metric_keys:
         st.caption("Metrics appear here once a model is evaluated: on labelled test images when its dataset has "
                    "them, and always on synthetic defects made from its hold-out normals.")
+    elif any((model.metrics or {}).get(key) is None for model in models for key in metric_keys):
+        st.caption("–: not measured, either because the model is not evaluated yet (select it below and press "
+                   "Evaluate) or because its dataset has no labelled test images (or masks) for that metric.")
 
 
 def details(model: Model) -> None:

@@ -278,7 +278,8 @@ def test_models_page_lists_evaluates_and_deletes(store):
     store.set_model_metrics(model.id, {"image_auroc": 0.75, "pixel_auroc": None, "aupro": None, "f1_max": 0.8,
                                        "aupr": 0.7, "n_images": 2, "n_defective": 1})
     at.run()
-    assert at.dataframe[0].value.iloc[0]["image AUROC"] == 0.75
+    assert at.dataframe[0].value.iloc[0]["image AUROC"] == "0.750"
+    assert "pixel AUROC" not in at.dataframe[0].value.columns  # no model has it: no column of dashes
 
     by_label(at.button, "Delete this model…").click().run()
     by_label(at.button, "Yes, delete").click().run()
@@ -294,8 +295,12 @@ def test_models_page_recommends_a_model_on_the_best_evidence(store):
     first, second = fake_model(store, dataset), fake_model(store, dataset)
     store.set_model_metrics(first.id, {"synthetic_image_auroc": 0.9, "synthetic_pixel_auroc": 0.8})
     store.set_model_metrics(second.id, {"synthetic_image_auroc": 0.7, "synthetic_pixel_auroc": 0.95})
+    unevaluated = fake_model(store, dataset)
     at = open_page("pages/models.py")
     assert f"use #{first.id} stpm" in texts(at.info) and "synthetic defects" in texts(at.info)
+    table = at.dataframe[0].value.set_index("id")
+    assert table.loc[first.id, "synthetic image AUROC"] == "0.900"
+    assert table.loc[unevaluated.id, "synthetic image AUROC"] == "–" and "–: not measured" in texts(at.caption)
     # Real labelled evidence outranks synthetic evidence.
     store.set_model_metrics(second.id, {"image_auroc": 0.8, "synthetic_image_auroc": 0.7})
     at = open_page("pages/models.py")
