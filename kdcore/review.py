@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,33 @@ def dataset_images(store: Store, dataset_id: int, split: str = "test") -> list[I
     return [ImageRef(record.sha256, Path(record.path).name, folder / record.path, record.defect,
                      folder / record.mask_path if record.mask_path else None)
             for record in store.list_images(dataset_id, split)]
+
+
+def synthetic_images(store: Store, dataset_id: int, size: int, resize: str) -> list[ImageRef]:
+    """The synthetic-defect check's images of a stored dataset (``kdcore.synthetic_check``), with their masks,
+    labelled "synthetic <kind>": what the models' synthetic scores were measured on, to look at. Made once per
+    dataset state, size and resize rule, and kept in the store; none when the dataset has no hold-out."""
+    dataset = data.load_dataset(store.dataset_dir(dataset_id))
+    if not dataset.holdout:
+        return []
+    state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in dataset.holdout]).encode())
+    folder = store.root / "synthetic" / f"{dataset_id}-{size}-{resize}-{state.hexdigest()[:16]}"
+    if not folder.is_dir():
+        from kdcore.synthetic_check import write_synthetic_defects  # torch, only when the images are made
+
+        staging = store.make_tmp_dir("synthetic-")
+        write_synthetic_defects(dataset, staging, size, resize)
+        folder.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another session made them meanwhile: theirs are the same
+            shutil.rmtree(staging, ignore_errors=True)
+    images = []
+    for mask in sorted(folder.glob("*_mask.png")):
+        path = mask.with_name(mask.name.removesuffix("_mask.png") + ".png")
+        kind = path.stem.split("-", 1)[1]
+        images.append(ImageRef(file_sha256(path), path.name, path, f"synthetic {kind}", mask))
+    return images
 
 
 def folder_images(folder: str | Path, roots: Sequence[Path] | None = None, recursive: bool = False

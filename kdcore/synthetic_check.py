@@ -15,8 +15,11 @@ only inside each picture's content box (not in letterbox margins), and masks fol
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
 from kdcore import data, metrics
 from kdcore.methods.base import AnomalyMethod, ModelInput
@@ -99,14 +102,38 @@ def _scratches(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tenso
 _MAKERS = {"texture": _texture, "cutpaste": _cutpaste, "brightness": _brightness, "scratch": _scratches}
 
 
+def holdout_defects(dataset: data.AnomalyDataset, size: int, resize: str, seed: int = SEED
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The dataset's hold-out normals as model inputs (uint8 N×3×S×S and their N×4 content boxes) with their
+    defective copies, masks and kinds (``synthetic_defects``)."""
+    arrays, boxes = data.read_model_inputs(dataset.holdout, size, resize)
+    images = torch.from_numpy(np.ascontiguousarray(arrays.transpose(0, 3, 1, 2)))
+    return (images, torch.from_numpy(boxes), *synthetic_defects(images, torch.from_numpy(boxes), seed))
+
+
+def write_synthetic_defects(dataset: data.AnomalyDataset, folder: str | Path, size: int, resize: str,
+                            seed: int = SEED) -> list[tuple[Path, Path, str]]:
+    """The check's defective images as PNG files in ``folder`` (created), for people to look at: each picture
+    cut to its content box (the image as the model saw it, without letterbox margins) as ``<i>-<kind>.png``
+    beside ``<i>-<kind>_mask.png``. Returns (image, mask, kind) per image, in the check's order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, boxes, defective, masks, kinds = holdout_defects(dataset, size, resize, seed)
+    written = []
+    for i, (kind, (top, left, height, width)) in enumerate(zip(kinds, boxes.tolist())):
+        image_path, mask_path = folder / f"{i:03d}-{kind}.png", folder / f"{i:03d}-{kind}_mask.png"
+        picture = defective[i, :, top:top + height, left:left + width].permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(picture)).save(image_path)
+        mask = masks[i, top:top + height, left:left + width].numpy().astype(np.uint8) * 255
+        Image.fromarray(mask).save(mask_path)
+        written.append((image_path, mask_path, kind))
+    return written
+
+
 def synthetic_check(method: AnomalyMethod, dataset: data.AnomalyDataset, seed: int = SEED) -> dict:
     """``synthetic_image_auroc``, ``synthetic_pixel_auroc`` and ``synthetic_aupro`` of the model on defective
     copies of the dataset's hold-out normals (against those normals), and the image AUROC per kind."""
-    size, resize = method.config.size, method.config.resize
-    arrays, boxes = data.read_model_inputs(dataset.holdout, size, resize)
-    images = torch.from_numpy(np.ascontiguousarray(arrays.transpose(0, 3, 1, 2)))
-    boxes = torch.from_numpy(boxes)
-    defective, masks, kinds = synthetic_defects(images, boxes, seed)
+    images, boxes, defective, masks, kinds = holdout_defects(dataset, method.config.size, method.config.resize, seed)
     both = torch.cat([images, defective])
     x = ModelInput(method._normalize(both), torch.cat([boxes, boxes]))
     maps, scores = method.predict(x)

@@ -19,24 +19,10 @@ def step(key: str, delta: int, count: int) -> None:
     st.session_state[key] = (st.session_state.get(key, 0) + delta) % count
 
 
-def dataset_image():
-    """A test image of a dataset, with previous/next buttons, and the dataset's id; None when there is none."""
-    datasets = [d for d in store.list_datasets() if any(split == "test" for split, _ in store.dataset_counts(d.id))]
-    if not datasets:
-        st.info("No dataset has test images yet: upload an image, or add labelled test images on the Datasets page.")
-        return None, None
-    if "dataset" not in st.query_params and st.query_params.get("model", "").isdigit():
-        # Opened from a model (Models page link): its dataset, not the first one.
-        try:
-            linked = store.get_model(int(st.query_params["model"]))
-        except StoreError:  # deleted since the link was made
-            linked = None
-        if linked is not None and linked.dataset_id is not None:
-            st.query_params["dataset"] = str(linked.dataset_id)
-    dataset = ui.pick_from_url("Dataset", datasets, "dataset", lambda d: d.name)
-    images = review.dataset_images(store, dataset.id)
-    key = f"compare_image_{dataset.id}"
-    wanted = st.query_params.get("image", "")  # the URL keeps the image over a reload and in a shared link
+def browse(images, key: str, url_key: str):
+    """Previous/next buttons and a list over ``images``; the index lives in the URL under ``url_key`` (reload,
+    shared link)."""
+    wanted = st.query_params.get(url_key, "")
     if key not in st.session_state:
         st.session_state[key] = int(wanted) if wanted.isdigit() else 0
     st.session_state[key] = min(st.session_state[key], len(images) - 1)  # images may have been deleted since
@@ -47,8 +33,51 @@ def dataset_image():
                    width="stretch")
     index = choice.selectbox("Test image", range(len(images)), key=key,
                              format_func=lambda i: f"{i + 1}/{len(images)} · {images[i].defect} · {images[i].name}")
-    st.query_params["image"] = str(index)
-    return images[index], dataset.id
+    st.query_params[url_key] = str(index)
+    return images[index]
+
+
+def pick_dataset(datasets):
+    if "dataset" not in st.query_params and st.query_params.get("model", "").isdigit():
+        # Opened from a model (Models page link): its dataset, not the first one.
+        try:
+            linked = store.get_model(int(st.query_params["model"]))
+        except StoreError:  # deleted since the link was made
+            linked = None
+        if linked is not None and linked.dataset_id is not None:
+            st.query_params["dataset"] = str(linked.dataset_id)
+    return ui.pick_from_url("Dataset", datasets, "dataset", lambda d: d.name)
+
+
+def dataset_image():
+    """A test image of a dataset, with previous/next buttons, and the dataset's id; None when there is none."""
+    datasets = [d for d in store.list_datasets() if any(split == "test" for split, _ in store.dataset_counts(d.id))]
+    if not datasets:
+        st.info("No dataset has test images yet: upload an image, or add labelled test images on the Datasets page.")
+        return None, None
+    dataset = pick_dataset(datasets)
+    return browse(review.dataset_images(store, dataset.id), f"compare_image_{dataset.id}", "image"), dataset.id
+
+
+def synthetic_image(models):
+    """One of the synthetic defects a dataset's models were checked on (made from its hold-out normals)."""
+    trained_on = {m.dataset_id for m in models}
+    datasets = [d for d in store.list_datasets() if d.id in trained_on]
+    if not datasets:
+        st.info("Synthetic defects are made from a dataset's hold-out normals once a model is trained on it.")
+        return None, None
+    dataset = pick_dataset(datasets)
+    newest = next(m for m in models if m.dataset_id == dataset.id)
+    size, resize = newest.params.get("size", 256), newest.params.get("resize", "letterbox")
+    with st.spinner("Making the synthetic defects (once per dataset)…"):
+        images = review.synthetic_images(store, dataset.id, size, resize)
+    if not images:
+        st.info(f"'{dataset.name}' has no hold-out normals to make synthetic defects from.")
+        return None, None
+    st.caption(f"The synthetic-defect check's images ({len(images)}, made at {size} px from the hold-out normals "
+               "never trained on): texture patches, cut-paste, brightness changes and scratches, each with its "
+               "mask. The models' synthetic AUROCs were measured on these, against the normals themselves.")
+    return browse(images, f"compare_synthetic_{dataset.id}", "synthetic"), dataset.id
 
 
 def uploaded_image():
@@ -169,9 +198,15 @@ def viewer(image, models, scores) -> None:
 
 models = ui.trained_models()
 
-from_dataset, from_upload = "A dataset's test image", "An uploaded image"
-source = st.radio("Image", [from_dataset, from_upload], horizontal=True, label_visibility="collapsed")
-image, dataset_id = dataset_image() if source == from_dataset else uploaded_image()
+from_dataset, from_synthetic, from_upload = "A dataset's test image", "A synthetic defect", "An uploaded image"
+source = st.radio("Image", [from_dataset, from_synthetic, from_upload], horizontal=True,
+                  label_visibility="collapsed", key="compare_source")
+if source == from_dataset:
+    image, dataset_id = dataset_image()
+elif source == from_synthetic:
+    image, dataset_id = synthetic_image(models)
+else:
+    image, dataset_id = uploaded_image()
 if image is None:
     st.stop()
 by_id = {model.id: model for model in models}  # ids as options: widgets may return records of an earlier run

@@ -199,6 +199,26 @@ def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_stor
     assert not any(path.name.startswith(".") for path in images[0].path.parent.iterdir())  # no temp files left
 
 
+def test_synthetic_defects_are_made_once_with_masks_and_again_when_the_holdout_changes(review_store, stpm):
+    from kdcore import data
+    from kdcore.synthetic_check import holdout_defects
+
+    dataset_id = stpm.dataset_id
+    images = review.synthetic_images(review_store, dataset_id, 64, "letterbox")
+    holdout = data.load_dataset(review_store.dataset_dir(dataset_id)).holdout
+    _, _, _, masks, kinds = holdout_defects(data.load_dataset(review_store.dataset_dir(dataset_id)), 64, "letterbox")
+    assert [image.defect for image in images] == [f"synthetic {kind}" for kind in kinds]
+    assert len(images) == len(holdout) and {image.label for image in images} == {review.DEFECTIVE}
+    for image, mask in zip(images, masks):  # square synthetic pictures: the files are the check's own pixels
+        saved = np.asarray(Image.open(image.mask_path)) > 0
+        assert saved.any() and np.array_equal(saved, mask.numpy())
+    assert review.synthetic_images(review_store, dataset_id, 64, "letterbox") == images  # made once, kept
+    folder = images[0].path.parent
+    holdout[0].write_bytes(holdout[1].read_bytes())  # the dataset changed: the images are made again
+    again = review.synthetic_images(review_store, dataset_id, 64, "letterbox")
+    assert again[0].path.parent != folder and again[0].sha256 != images[0].sha256
+
+
 def test_labelled_set_and_operating_points(review_store, stpm):
     labelled = review.labelled_set(review_store, stpm, loader(review_store))
     assert (labelled.n_good, labelled.n_defective, len(labelled.holdout)) == (8, 16, stpm.calibration["n"])

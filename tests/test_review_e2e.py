@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,15 @@ def test_compare_two_models_and_move_a_threshold(page):
     page.set_viewport_size({"width": 1400, "height": 2300})  # the detail view too
     screenshot(page, "7-compare-defect-detail-view")
     page.set_viewport_size({"width": 1400, "height": 1800})
+
+    page.get_by_text("A synthetic defect").click()  # what the models' synthetic AUROCs were measured on
+    page.get_by_text("The synthetic-defect check's images").wait_for()
+    sync_api.expect(page.get_by_test_id("stImage")).to_have_count(2)
+    page.get_by_role("button", name="Next").click()
+    wait_idle(page)
+    wait_images_loaded(page)
+    sync_api.expect(page).to_have_url(re.compile(r"synthetic=1"))  # the check's second image (a cut-paste)
+    screenshot(page, "12-compare-synthetic-defect")
 
 
 def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, page, synthetic_root, tmp_path):

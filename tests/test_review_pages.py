@@ -86,6 +86,19 @@ def test_compare_an_uploaded_image(review_store, synthetic_root):
     assert not at.exception and len(at.image) == 2
 
 
+def test_compare_shows_the_synthetic_defects_with_their_masks(review_store, models):
+    at = open_page("pages/compare.py")
+    at.radio(key="compare_source").set_value("A synthetic defect").run()
+    assert not at.exception and len(at.image) == 2
+    listed = by_label(at.selectbox, "Test image")
+    labels = listed.options  # as shown: "1/4 · synthetic texture · 000-texture.png"
+    assert labels and all(" · synthetic " in label for label in labels)
+    assert "made at 64 px from the hold-out normals" in texts(at.caption)
+    assert listed.value == 0
+    by_label(at.button, "Next").click().run()
+    assert not at.exception and by_label(at.selectbox, "Test image").value == 1
+
+
 def test_thresholds_page_sets_f1_optimal_and_saves_it_on_the_model(review_store, models):
     stpm = models["stpm"]
     at = open_page()
