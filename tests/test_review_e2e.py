@@ -148,17 +148,28 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     page.keyboard.press("1")
     page.get_by_text("2 of 8").wait_for()
     mark_seconds = time.monotonic() - started
-    page.keyboard.press("2")
-    page.get_by_text("3 of 8").wait_for()
-    page.keyboard.press("b")
-    page.get_by_text("2 of 8").wait_for()
+    steps = [mark_seconds]
+    for key, shown in (("2", "3 of 8"), ("b", "2 of 8")):
+        started = time.monotonic()
+        page.keyboard.press(key)
+        page.get_by_text(shown).wait_for()
+        steps.append(time.monotonic() - started)
     sync_api.expect(page.get_by_text("QA: wrong")).to_be_visible()
     wait_idle(page)
     screenshot(page, "11-inspect-keyboard")
     labels = store.qa_labels([first, second])
     # Both images are NG at this threshold (spots): "correct" says defective, "wrong" says normal.
     assert labels == {first: 1, second: 0}, labels
-    print(f"\nkeyboard mark to next image shown: {mark_seconds:.2f} s")
+    print("\nkeyboard: key press to the next image shown (1, 2, b): " + ", ".join(f"{t:.2f} s" for t in steps))
+
+    # The back button leaves Inspect in a few presses: marks and image steps are not history entries.
+    presses = 0
+    while "/inspect" in page.url and presses < 20:
+        page.go_back()
+        presses += 1
+        wait_idle(page)
+    print(f"back presses to leave Inspect: {presses}")
+    assert "/inspect" not in page.url and presses <= 4, (presses, page.url)
 
 
 def test_a_model_finished_meanwhile_appears_without_a_reload(app, page):
