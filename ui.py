@@ -7,6 +7,7 @@ details such as a pending "really delete?" question.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from datetime import datetime
 
@@ -16,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from kdcore import heatmaps, thresholds, verdicts, worker
 from kdcore.data import IMAGE_EXTENSIONS
+from kdcore.registry import list_trainable_methods
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
 JOB_POLL_SECONDS = 2.0
@@ -33,6 +35,16 @@ _STATUS_ICONS = {QUEUED: ":material/schedule:", RUNNING: ":material/autorenew:",
 @st.cache_resource(show_spinner=False)
 def _store_at(root: str) -> Store:
     return Store(root)
+
+
+@st.cache_resource(show_spinner=False)
+def preload_engine() -> threading.Thread:
+    """Import torch, timm and the methods in the background, once per server process. Pages import them only
+    when they need them (the Train page's method list, a model's first run), and the first user to get there
+    would wait for the imports: 3-4 s measured on the 2-core machine (``bench.page_speed``)."""
+    thread = threading.Thread(target=list_trainable_methods, name="kdcore-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def get_store() -> Store:

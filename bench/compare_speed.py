@@ -33,8 +33,12 @@ from kdcore.store import TRAIN, Store  # noqa: E402
 METHODS = ["stpm", "rd", "us", "dskd", "rd_expert"]
 
 
-def trained_store(root: Path, methods: list[str], size: int) -> Store:
-    source = synthetic.make_dataset(root / "source", n_train=10, n_test_good=2, n_test_defect=2, size=size)
+def trained_store(root: Path, methods: list[str], size: int, n_test: int = 4) -> Store:
+    """A store whose one dataset has ``n_test`` test images or a few more (half good, the rest spread over the
+    synthetic defect types) and one model per method, trained for one epoch."""
+    n_defect = max(1, -(-(n_test - n_test // 2) // len(synthetic.DEFECT_TYPES)))
+    source = synthetic.make_dataset(root / "source", n_train=10, n_test_good=max(1, n_test // 2),
+                                    n_test_defect=n_defect, size=size)
     store = Store(root / "data")
     dataset = store.create_dataset("bench")
     ingest.import_folder(store, dataset.id, source)
