@@ -21,9 +21,7 @@ app and this script share the machine's cores: run it with nothing else busy.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the synthetic images and the browser 
 
 from bench.compare_speed import trained_store  # noqa: E402
 from kdcore import worker  # noqa: E402
-from test_e2e import (CHROMIUM, CHROMIUM_ARGS, free_port, sync_api, wait_for_health, wait_idle,  # noqa: E402
-                      wait_images_loaded)
+from test_e2e import CHROMIUM, CHROMIUM_ARGS, running_app, sync_api, wait_idle, wait_images_loaded  # noqa: E402
 
 PAGES = ["Datasets", "Train", "Models", "Compare", "Thresholds", "Inspect"]
 
@@ -107,30 +104,19 @@ def main() -> None:
         started = time.perf_counter()
         store = trained_store(Path(tmp), args.methods, args.size, n_test=args.images)
         print(f"trained {len(args.methods)} models at {args.size} px in {time.perf_counter() - started:.0f} s")
-        url = f"http://127.0.0.1:{free_port()}"
-        env = {**os.environ, "KDCORE_DATA_DIR": str(store.root), worker.AUTOSTART_ENV: "0"}
-        with open(Path(tmp) / "streamlit.log", "wb") as log:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", url.rsplit(":", 1)[1],
-                 "--server.address", "127.0.0.1", "--server.headless", "true"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_for_health(url, server)
-                with sync_api.sync_playwright() as playwright:
-                    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                    page = browser.new_page(viewport={"width": 1400, "height": 1600})
-                    page.set_default_timeout(300_000)
-                    page.goto(url)  # the server's first run of app.py, not counted
-                    wait_idle(page)
-                    page.close()
-                    page = browser.new_page(viewport={"width": 1400, "height": 1600})
-                    results = first_views(page, url, args.read_home)
-                    results.update(compare_next(page, args.images, args.repeats))
-                    results.update(thresholds_switch(page, len(args.methods), args.repeats))
-                    browser.close()
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        with running_app(store.root, {worker.AUTOSTART_ENV: "0"}) as url:
+            with sync_api.sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1400, "height": 1600})
+                page.set_default_timeout(300_000)
+                page.goto(url)  # the server's first run of app.py, not counted
+                wait_idle(page)
+                page.close()
+                page = browser.new_page(viewport={"width": 1400, "height": 1600})
+                results = first_views(page, url, args.read_home)
+                results.update(compare_next(page, args.images, args.repeats))
+                results.update(thresholds_switch(page, len(args.methods), args.repeats))
+                browser.close()
     for name, value in results.items():
         print(f"{name:<45} {value:7.2f} s")
 

@@ -6,6 +6,7 @@ Never run `playwright install`: the browser is /usr/bin/chromium (scripts/setup 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -56,25 +58,34 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120.0)
     raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def running_app(data_dir: Path, env: dict[str, str]) -> Iterator[str]:
+    """`streamlit run app.py` on a free port over ``data_dir`` (its log in ``data_dir/streamlit.log``) with
+    ``env`` added to the environment; yields its URL once it answers, stops it afterwards."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(Path(data_dir) / "streamlit.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", url.rsplit(":", 1)[1],
+             "--server.address", "127.0.0.1", "--server.headless", "true"],
+            cwd=ROOT, env={**os.environ, "KDCORE_DATA_DIR": str(data_dir), **env}, stdout=log,
+            stderr=subprocess.STDOUT)
+        try:
+            wait_for_health(url, process)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The app on a free port with an empty data directory; stops it and the worker it started afterwards."""
     data_dir = tmp_path_factory.mktemp("e2e-data")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(data_dir / "streamlit.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env={**os.environ, "KDCORE_DATA_DIR": str(data_dir)}, stdout=log, stderr=subprocess.STDOUT)
     store = Store(data_dir)
     try:
-        wait_for_health(url, process)
-        yield url, store
+        with running_app(data_dir, {}) as url:
+            yield url, store
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
         worker_pid = store.worker_pid()
         if worker_pid and worker_pid > 0:
             os.kill(worker_pid, signal.SIGTERM)

@@ -11,15 +11,13 @@ import csv
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 
 from kdcore.store import Store
-from test_e2e import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, open_from_sidebar, screenshot, sync_api,
-                      wait_for_health, wait_idle, wait_images_loaded)
+from test_e2e import (CHROMIUM, CHROMIUM_ARGS, open_from_sidebar, running_app, screenshot, sync_api, wait_idle,
+                      wait_images_loaded)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs {CHROMIUM} (scripts/setup --browser)")
 
@@ -28,21 +26,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs {CH
 def app(review_template, synthetic_root, tmp_path_factory):
     """The app on a free port over a copy of the template store; no worker (nothing is trained here)."""
     data_dir = shutil.copytree(review_template, tmp_path_factory.mktemp("review-e2e") / "data")
-    url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "KDCORE_DATA_DIR": str(data_dir), "KDCORE_WORKER_AUTOSTART": "0",
+    env = {"KDCORE_WORKER_AUTOSTART": "0",
            "KDCORE_IMPORT_ROOTS": str(synthetic_root),  # the server folder Inspect reads below
            "OMP_NUM_THREADS": "1"}  # the tiny models run faster on one thread of a busy CPU
-    with open(data_dir / "streamlit.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", url.rsplit(":", 1)[1],
-             "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_health(url, process)
-            yield url, Store(data_dir)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with running_app(data_dir, env) as url:
+        yield url, Store(data_dir)
 
 
 @pytest.fixture(scope="module")
