@@ -104,6 +104,8 @@ def recommendation(model: Model, models: list[Model]) -> None:
             f"{choice.evidence}). Cost: {best.file_bytes / 1e6:.1f} MB, trained in "
             f"{ui.duration(best.training.get('seconds'))}; `python -m bench.speed --methods {best.method}` measures "
             "its images per second here.")
+    if choice.caution:
+        st.warning(choice.caution)
 
 
 def combine(model: Model, models: list[Model]) -> None:

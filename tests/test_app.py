@@ -301,6 +301,11 @@ def test_models_page_recommends_a_model_on_the_best_evidence(store):
     table = at.dataframe[0].value.set_index("id")
     assert table.loc[first.id, "synthetic image AUROC"] == "0.900"
     assert table.loc[unevaluated.id, "synthetic image AUROC"] == "–" and "–: not measured" in texts(at.caption)
+    assert "barely separates" not in texts(at.warning)  # 0.9 against 0.7: a clear lead
+    store.set_model_metrics(second.id, {"synthetic_image_auroc": 0.89})
+    at = open_page("pages/models.py")
+    assert f"use #{first.id} stpm" in texts(at.info)
+    assert f"barely separates #{first.id} and #{second.id}" in texts(at.warning)  # 0.01 apart: no ranking
     # Real labelled evidence outranks synthetic evidence.
     store.set_model_metrics(second.id, {"image_auroc": 0.8, "synthetic_image_auroc": 0.7})
     at = open_page("pages/models.py")
