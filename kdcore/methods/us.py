@@ -77,8 +77,8 @@ AU-PRO 0.477, F1-max 0.807; teacher 492 s, students 1279 s (3 epochs), 1.9 image
 preset (200 teacher steps, 1 student epoch, global z-scores) gave image AUROC 0.44 there: the students were
 far from converged (their loss still fell from 123 to 52 between epochs 1 and 2) and borders dominated.
 With letterboxed inputs on a quiet CPU (same preset): image AUROC 0.582, pixel AUROC 0.628, AU-PRO 0.451 in
-3.3 minutes, below the ``teacher_knn`` reference on all three (0.660 / 0.801 / 0.712): the patch teacher,
-distilled for 500 steps on the dataset's own patches, carries less than the ImageNet teacher it learns from.
+3.3 minutes, below the ``teacher_knn`` reference on all three (0.871 / 0.810 / 0.705; with its raw map 0.660 /
+0.801 / 0.712): the patch teacher, distilled for 500 steps on the dataset's own patches, carries less than the ImageNet teacher it learns from.
 """
 from __future__ import annotations
 
