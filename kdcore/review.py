@@ -303,6 +303,7 @@ class Row:
     score: float
     verdict: str
     qa_label: int | None  # what QA says the image really is; None while unreviewed
+    qa_comment: str | None = None  # QA's note on the image, if any
 
     @property
     def qa_mark(self) -> str | None:
@@ -344,10 +345,11 @@ def inspection_rows(store: Store, inspection: Inspection) -> list[Row]:
     """The inspection's images, highest score (most suspicious) first."""
     images = inspection_images(store, inspection)
     scores = store.cached_scores(inspection.model_id, [image.sha256 for image in images])
-    labels = store.qa_labels([image.sha256 for image in images])
+    hashes = [image.sha256 for image in images]
+    labels, comments = store.qa_labels(hashes), store.qa_comments(hashes)
     threshold = inspection.threshold["value"]
-    rows = [Row(image, scores[image.sha256], verdict(scores[image.sha256], threshold), labels.get(image.sha256))
-            for image in images]
+    rows = [Row(image, scores[image.sha256], verdict(scores[image.sha256], threshold), labels.get(image.sha256),
+                comments.get(image.sha256)) for image in images]
     return sorted(rows, key=lambda row: row.score, reverse=True)
 
 
@@ -390,7 +392,7 @@ def add_to_test_images(store: Store, dataset_id: int, defect: str, images: Seque
 
 
 CSV_COLUMNS = ["image", "score", "threshold", "verdict", "qa_mark", "qa_outcome", "path", "sha256", "model_id",
-               "method", "inspection_id"]
+               "method", "inspection_id", "qa_comment"]
 
 
 def rows_csv(rows: Sequence[Row], inspection: Inspection, model: Model) -> bytes:
@@ -402,5 +404,5 @@ def rows_csv(rows: Sequence[Row], inspection: Inspection, model: Model) -> bytes
     for row in rows:
         writer.writerow([row.image.name, f"{row.score:.10g}", f"{threshold:.10g}", row.verdict, row.qa_mark or "",
                          row.outcome or "", str(row.image.path), row.image.sha256, model.id, model.method,
-                         inspection.id])
+                         inspection.id, row.qa_comment or ""])
     return out.getvalue().encode("utf-8")

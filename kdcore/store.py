@@ -164,6 +164,12 @@ CREATE TABLE IF NOT EXISTS qa_labels (
     marked_at REAL NOT NULL,
     marked_by TEXT               -- the logged-in user, when the app has a login
 );
+CREATE TABLE IF NOT EXISTS qa_comments (
+    sha256 TEXT PRIMARY KEY,     -- QA's note on an image (what the defect is, why a verdict is wrong), any model
+    comment TEXT NOT NULL,
+    written_at REAL NOT NULL,
+    written_by TEXT
+);
 -- Who removed what: deletions cannot be shown afterwards, so they are recorded.
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
@@ -1005,6 +1011,19 @@ class Store:
         """The latest recorded deletions, newest first: at, who, action, detail."""
         return [dict(row) for row in self._query("SELECT at, who, action, detail FROM audit ORDER BY id DESC "
                                                  "LIMIT ?", (limit,))]
+
+    def set_qa_comment(self, sha256: str, comment: str, by: str | None = None) -> None:
+        """Record QA's comment on an image; an empty (or blank) one removes it."""
+        with self._connect() as conn:
+            if comment.strip():
+                conn.execute("INSERT OR REPLACE INTO qa_comments (sha256, comment, written_at, written_by) "
+                             "VALUES (?, ?, ?, ?)", (sha256, comment.strip(), time.time(), by))
+            else:
+                conn.execute("DELETE FROM qa_comments WHERE sha256 = ?", (sha256,))
+
+    def qa_comments(self, hashes: Sequence[str]) -> dict[str, str]:
+        return {row["sha256"]: row["comment"] for row in self._rows_in(
+            "SELECT sha256, comment FROM qa_comments WHERE sha256 IN ({})", (), hashes)}
 
     def qa_labels(self, hashes: Sequence[str]) -> dict[str, int]:
         return {row["sha256"]: row["label"] for row in self._rows_in(

@@ -131,6 +131,16 @@ def save_mark(row, key: str) -> None:
     review.set_qa_mark(store, row, None if value == NOT_REVIEWED else value, by=ui.current_user())
 
 
+def save_comment(row, key: str) -> None:
+    store.set_qa_comment(row.image.sha256, st.session_state[key], by=ui.current_user())
+
+
+def comment_box(container, row, key: str) -> None:
+    container.text_input(f"Comment on {row.image.name}", value=row.qa_comment or "", key=key, max_chars=500,
+                         placeholder="Comment (what the defect is, why the verdict is wrong)",
+                         label_visibility="collapsed", on_change=save_comment, args=(row, key))
+
+
 def mark_and_advance(row, mark: str | None, key: str, count: int) -> None:
     review.set_qa_mark(store, row, mark, by=ui.current_user())
     st.session_state[key] = min(st.session_state.get(key, 0) + 1, count - 1)
@@ -148,8 +158,9 @@ def one_by_one(model, inspection, rows) -> None:
     index = min(st.session_state.get(key, 0), len(rows) - 1)
     shown = rows[index]
     # Marks made here since the page last ran are in the store, not in ``rows``.
-    row = review.Row(shown.image, shown.score, shown.verdict, store.qa_labels([shown.image.sha256]).get(
-        shown.image.sha256))
+    sha = shown.image.sha256
+    row = review.Row(shown.image, shown.score, shown.verdict, store.qa_labels([sha]).get(sha),
+                     store.qa_comments([sha]).get(sha))
     threshold = inspection.threshold["value"]
     picture, side = st.columns([3, 2])
     try:
@@ -170,8 +181,9 @@ def one_by_one(model, inspection, rows) -> None:
                 on_click=move, args=(key, -1, len(rows)), disabled=index == 0)
     forward.button("Next", key="key_next", shortcut="N", icon=":material/chevron_right:", width="stretch",
                    on_click=move, args=(key, 1, len(rows)), disabled=index == len(rows) - 1)
-    side.caption("Keys: 1 correct · 2 wrong (both save and go on) · N next · B back. The counts above update "
-                 "when you leave this mode.")
+    comment_box(side, row, f"key_comment_{inspection.id}_{sha}")
+    side.caption("Keys: 1 correct · 2 wrong (both save and go on) · N next · B back (not while typing a "
+                 "comment; Enter saves it). The counts above update when you leave this mode.")
 
 
 def table(model, inspection, rows) -> None:
@@ -198,6 +210,7 @@ def table(model, inspection, rows) -> None:
             options = [NOT_REVIEWED, *review.QA_MARKS]
             mark.radio(f"QA mark for {row.image.name}", options, index=options.index(row.qa_mark or NOT_REVIEWED),
                        key=key, horizontal=True, label_visibility="collapsed", on_change=save_mark, args=(row, key))
+            comment_box(mark, row, f"comment_{inspection.id}_{row.image.sha256}")
     if not rows:
         st.caption("No images match.")
 

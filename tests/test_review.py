@@ -165,11 +165,17 @@ def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review
                                                                                second.image.sha256: 1}
     review.set_qa_mark(review_store, rows[2], None)
     assert review.inspection_rows(review_store, inspection)[2].qa_mark is None
+    # A comment belongs to the image (any model, any inspection); a blank one removes it.
+    review_store.set_qa_comment(top.image.sha256, "  glare on the rim, not a dent ", by="qa1")
+    review_store.set_qa_comment(rows[3].image.sha256, "to check")
+    review_store.set_qa_comment(rows[3].image.sha256, "   ")
+    rows = review.inspection_rows(review_store, inspection)
+    assert [row.qa_comment for row in rows[:4]] == ["glare on the rim, not a dent", None, None, None]
 
     table = list(csv.DictReader(io.StringIO(review.rows_csv(rows, inspection, stpm).decode())))
     assert list(table[0]) == review.CSV_COLUMNS and len(table) == 6
-    assert (table[0]["image"], table[0]["verdict"], table[0]["qa_mark"], table[0]["qa_outcome"]) == \
-        (top.image.name, "NG", "wrong", "FP")
+    assert (table[0]["image"], table[0]["verdict"], table[0]["qa_mark"], table[0]["qa_outcome"],
+            table[0]["qa_comment"]) == (top.image.name, "NG", "wrong", "FP", "glare on the rim, not a dent")
     assert float(table[0]["threshold"]) == pytest.approx(rows[1].score)
 
     before = review_store.dataset_counts(stpm.dataset_id)[("train", "good")]

@@ -175,6 +175,9 @@ def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_f
     assert review_store.qa_labels([rows[0].image.sha256]) == {rows[0].image.sha256: review.NORMAL}
     assert by_label(at.metric, "False positives").value == "1"
     assert [button.label for button in at.get("download_button")] == ["Download CSV"]  # its file: browser test
+    at.text_input(key=f"comment_{inspection.id}_{rows[0].image.sha256}").input("glare, not a defect").run()
+    assert review_store.qa_comments([rows[0].image.sha256]) == {rows[0].image.sha256: "glare, not a defect"}
+    assert at.text_input(key=f"comment_{inspection.id}_{rows[0].image.sha256}").value == "glare, not a defect"
 
     before = review_store.dataset_counts(stpm.dataset_id)[("train", "good")]
     by_label(at.button, f"Add the 1 false positive(s) to the normal images of '{stpm.dataset_name}'").click().run()
