@@ -58,7 +58,8 @@ class ExportedGraph(nn.Module):
         self.register_buffer("std", method._std.detach().cpu().view(1, 3, 1, 1).clone())
         offset = torch.zeros(size, size) if method.map_offset is None else method.map_offset.detach().clone()
         self.register_buffer("map_offset", offset.float())
-        self.register_buffer("map_scale", torch.as_tensor(method.map_scale, dtype=torch.float32).expand(size, size).clone())
+        scale = torch.as_tensor(method.map_scale, dtype=torch.float32)  # one number, or one per position
+        self.register_buffer("map_scale", scale.expand(size, size).clone())
 
     def forward(self, image: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (image.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std

@@ -498,8 +498,9 @@ class AnomalyMethod:
         method.threshold = payload["threshold"]
         method.training_info = payload.get("training", {})
         if (normalization := payload.get("map_normalization")) is not None:
-            scale = normalization["scale"]
-            method.map_offset, method.map_scale = normalization["offset"], scale if torch.is_tensor(scale) else float(scale)
+            scale = normalization["scale"]  # one number, or one per position ("zscore")
+            method.map_offset = normalization["offset"]
+            method.map_scale = scale if torch.is_tensor(scale) else float(scale)
         method.net.eval()
         return method
 

@@ -78,7 +78,8 @@ preset (200 teacher steps, 1 student epoch, global z-scores) gave image AUROC 0.
 far from converged (their loss still fell from 123 to 52 between epochs 1 and 2) and borders dominated.
 With letterboxed inputs on a quiet CPU (same preset): image AUROC 0.582, pixel AUROC 0.628, AU-PRO 0.451 in
 3.3 minutes, below the ``teacher_knn`` reference on all three (0.871 / 0.810 / 0.705; with its raw map 0.660 /
-0.801 / 0.712): the patch teacher, distilled for 500 steps on the dataset's own patches, carries less than the ImageNet teacher it learns from.
+0.801 / 0.712): the patch teacher, distilled for 500 steps on the dataset's own patches, carries less than
+the ImageNet teacher it learns from.
 """
 from __future__ import annotations
 
