@@ -11,12 +11,12 @@ import threading
 import time
 from datetime import datetime
 
+import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from kdcore import heatmaps, thresholds, verdicts, worker
-from kdcore.data import IMAGE_EXTENSIONS
+from kdcore import data, heatmaps, qa_regions, thresholds, verdicts, worker
 from kdcore.registry import list_trainable_methods
 from kdcore.store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, TRAIN, Job, Model, Store, default_data_dir
 
@@ -24,6 +24,7 @@ JOB_POLL_SECONDS = 2.0
 # How often review pages look for new or deleted models: one cheap query, the page reruns only on a change.
 MODEL_POLL_SECONDS = 5.0
 FINISHED_JOBS_SHOWN = 6
+REGION_CELLS = 48  # QA marks a defect region in cells of a grid this many cells across the longer side
 # Material icons ship with Streamlit's font, so unlike emoji they render on machines without an emoji font.
 ICONS = {"home": ":material/home:", "datasets": ":material/photo_library:", "train": ":material/model_training:",
          "models": ":material/inventory_2:", "compare": ":material/compare:", "thresholds": ":material/tune:",
@@ -191,7 +192,7 @@ def _loss_chart(store: Store, job: Job) -> None:
 
 
 # ------------------------------------------------------------------------------------------- review pages
-IMAGE_TYPES = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # for file uploaders of images
+IMAGE_TYPES = sorted(ext.lstrip(".") for ext in data.IMAGE_EXTENSIONS)  # for file uploaders of images
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
 def _loaded_method(model_id: int, created_at: float, path: str):
     # created_at is part of the key: SQLite may give a deleted model's id to a new one.
@@ -314,6 +315,49 @@ def full_size_view(model: Model, image, threshold: float, score: float) -> None:
     verdict = verdict_badge(verdicts.verdict(score, threshold))
     st.caption(f"{image.name} · {width}×{height} px · threshold {threshold:.4g} · {verdict} · white: above the "
                "threshold" + (" · magenta: ground truth" if image.mask_path else ""))
+    if st.toggle("Mark the defect region", key="mark_region",
+                 help="For a defect the model missed: the region becomes its mask when Inspect adds it to the "
+                      "dataset's test images."):
+        region_editor(image, original)
+
+
+def region_editor(image, picture) -> None:
+    """The original with a selectable grid: a box or lasso drawn over the defect is saved as the image's QA
+    region (``kdcore.qa_regions``), at the image's own resolution."""
+    store = get_store()
+    height, width = picture.shape[:2]
+    full_width, full_height = data.probe_image(image.path)
+    cell = max(width, height) / REGION_CELLS
+    saved = qa_regions.load_region(store, image.sha256)
+    shown = picture if saved is None else heatmaps.with_qa_region(picture, saved)
+    xs, ys = np.meshgrid(np.arange(cell / 2, width, cell), np.arange(cell / 2, height, cell))
+    figure = go.Figure([go.Image(source=heatmaps.png_data_url(shown), hoverinfo="skip"),
+                        go.Scatter(x=xs.ravel(), y=ys.ravel(), mode="markers", hoverinfo="skip",
+                                   marker=dict(size=max(2.0, cell), opacity=0, symbol="square"))])
+    figure.update_xaxes(showticklabels=False, range=[0, width])
+    figure.update_yaxes(showticklabels=False, range=[height, 0], scaleanchor="x")
+    figure.update_layout(height=min(620, round(700 * height / width) + 20), margin=dict(l=0, r=0, t=10, b=0),
+                         dragmode="select", showlegend=False)
+    version = st.session_state.setdefault(f"region_version_{image.sha256}", 0)  # a new chart forgets a selection
+    event = st.plotly_chart(figure, key=f"region_{image.sha256}_{version}", on_select="rerun",
+                            selection_mode=("box", "lasso"))
+    points = event.selection.points if event else []
+    scale = full_width / width
+    if points:
+        mask = qa_regions.region_from_cells([(p["x"] * scale, p["y"] * scale) for p in points], cell * scale,
+                                            full_width, full_height)
+        qa_regions.save_region(store, image.sha256, mask)
+        saved = mask
+    if saved is None:
+        st.caption("Drag a box (or choose the lasso in the chart's toolbar) over the defect.")
+        return
+    st.caption(f"Region saved: {saved.mean():.1%} of the image (cyan once redrawn). Draw again to replace it.")
+
+    def clear() -> None:
+        qa_regions.save_region(store, image.sha256, np.zeros((1, 1), dtype=bool))
+        st.session_state[f"region_version_{image.sha256}"] += 1
+
+    st.button("Clear the region", on_click=clear, key=f"clear_region_{image.sha256}")
 
 
 def progress_bar(text: str):

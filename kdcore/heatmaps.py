@@ -17,6 +17,7 @@ from kdcore.review import ImageRef, load_map
 from kdcore.store import Model, Store
 
 GT_COLOR = (255, 0, 255)  # ground-truth outline: magenta is not in the heatmap's colour scale
+QA_REGION_COLOR = (0, 255, 255)  # a region QA marked: cyan, apart from the truth's magenta and the region's white
 # Longest side of a full-size view sent to the browser: more pixels than a screen shows even zoomed in twice.
 FULL_VIEW_MAX_SIDE = 2048
 
@@ -75,3 +76,12 @@ def png_data_url(picture: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def with_qa_region(picture: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """A copy of the RGB ``picture`` with the outline of a QA region (a mask of any resolution) drawn on it."""
+    height, width = picture.shape[:2]
+    shown = np.asarray(Image.fromarray(np.uint8(region) * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
+    outlined = picture.copy()
+    outlined[visualize.contour(shown)] = QA_REGION_COLOR
+    return outlined

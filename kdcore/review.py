@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from kdcore import data, ingest
+from kdcore import data, ingest, qa_regions
 from kdcore.store import GOOD, Inspection, Model, Store
 from kdcore.verdicts import NG, verdict
 
@@ -386,9 +386,15 @@ def add_to_normal_images(store: Store, dataset_id: int, images: Sequence[ImageRe
 
 def add_to_test_images(store: Store, dataset_id: int, defect: str, images: Sequence[ImageRef]) -> ingest.IngestReport:
     """Add images (e.g. QA-confirmed missed defects) to a dataset's labelled test images as ``defect``, so that
-    the next evaluation counts them. A dataset whose defect images have masks refuses them (the report says
-    why): they need a mask, added on the Datasets page."""
-    return ingest.add_test_images(store, dataset_id, defect, _sources(images))
+    the next evaluation counts them. Where the dataset's defect images have masks (or it has none yet), the
+    region QA marked on an image (``kdcore.qa_regions``) goes with it as its mask; an image without one is
+    then refused, and the report says why."""
+    masks = []
+    if store.defect_mask_state(dataset_id) is not False:
+        masks = [ingest.SourceFile(f"{Path(image.name).stem}_mask.png",
+                                   lambda path=qa_regions.region_file(store, image.sha256): open(path, "rb"))
+                 for image in images if qa_regions.region_file(store, image.sha256).exists()]
+    return ingest.add_test_images(store, dataset_id, defect, _sources(images), masks)
 
 
 CSV_COLUMNS = ["image", "score", "threshold", "verdict", "qa_mark", "qa_outcome", "path", "sha256", "model_id",

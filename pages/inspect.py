@@ -109,7 +109,9 @@ def learn_from_review(model, rows) -> None:
         defect = name_col.text_input("Defect type of the missed defects", value="missed", key="missed_defect")
         if button_col.button(f"Add the {len(false_negatives)} missed defect(s) to the test images of {where}",
                              disabled=not defect.strip(),
-                             help="Evaluations of the dataset's models then count them."):
+                             help="Evaluations of the dataset's models then count them. Where its defect "
+                                  "images have masks, mark each one's region first (Full size, 'Mark the "
+                                  "defect region'): it becomes the mask."):
             add_to_dataset(lambda: review.add_to_test_images(store, model.dataset_id, defect, false_negatives), where)
 
 

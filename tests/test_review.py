@@ -10,7 +10,7 @@ from PIL import Image
 
 import kdcore
 import synthetic
-from kdcore import calibration, cli, heatmaps, review, thresholds, verdicts
+from kdcore import calibration, cli, heatmaps, qa_regions, review, thresholds, verdicts
 from kdcore.store import Store
 
 
@@ -193,6 +193,19 @@ def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review
     report = review.add_to_test_images(review_store, unmasked.id, "missed", review.false_negatives(rows))
     assert report.added == [second.image.name]
     assert review_store.dataset_counts(unmasked.id) == {("test", "missed"): 1}
+
+    # With a region QA marked on it, the missed defect goes in with that region as its mask.
+    width, height = Image.open(second.image.path).size
+    region = qa_regions.region_from_cells([(10.0, 12.0), (14.0, 12.0)], 4.0, width, height)
+    assert region.sum() == 4 * 8 and region[10:14, 8:16].all()
+    qa_regions.save_region(review_store, second.image.sha256, region)
+    report = review.add_to_test_images(review_store, stpm.dataset_id, "missed", [second.image])
+    assert report.added == [second.image.name] and not report.problems
+    (record,) = [r for r in review_store.list_images(stpm.dataset_id, "test") if r.defect == "missed"]
+    saved = np.asarray(Image.open(review_store.dataset_dir(stpm.dataset_id) / record.mask_path)) > 0
+    assert np.array_equal(saved, region)
+    qa_regions.save_region(review_store, second.image.sha256, np.zeros((1, 1), dtype=bool))  # cleared
+    assert qa_regions.load_region(review_store, second.image.sha256) is None
 
 
 def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_store, synthetic_root):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from kdcore import qa_regions
 from kdcore.store import Store
 from test_e2e import (CHROMIUM, CHROMIUM_ARGS, open_from_sidebar, running_app, screenshot, sync_api, wait_idle,
                       wait_images_loaded)
@@ -49,6 +50,11 @@ def page(app):
 
 def badges(page, verdict: str):
     return page.locator(".stMarkdownBadge", has_text=verdict)
+
+
+def ordered_rows(rows: list[dict]) -> list[dict]:
+    """CSV rows in the order Inspect shows them: highest score first."""
+    return sorted(rows, key=lambda row: float(row["score"]), reverse=True)
 
 
 def test_compare_two_models_and_move_a_threshold(page):
@@ -122,6 +128,25 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     sync_api.expect(dialog.get_by_text("64×64 px")).to_be_visible()
     page.wait_for_timeout(1000)  # the dialog's opening animation
     screenshot(page, "10-inspect-full-size")
+
+    # QA marks a defect region: a box dragged over the original's top-left quarter becomes the image's mask.
+    dialog.get_by_text("Mark the defect region").click()
+    chart = dialog.locator("[data-testid=stPlotlyChart]").nth(1)
+    drag_layer = chart.locator(".nsewdrag").first
+    drag_layer.wait_for()
+    wait_idle(page)
+    box = drag_layer.bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    dialog.get_by_text("Region saved").wait_for()
+    wait_idle(page)
+    screenshot(page, "10b-inspect-region-marked")
+    first_shown = ordered_rows(rows)[0]
+    region = qa_regions.load_region(store, first_shown["sha256"])
+    assert region is not None and region.shape == (64, 64)
+    assert region[:24, :24].mean() > 0.9 and not region[40:, 40:].any(), region.mean()
     page.keyboard.press("Escape")
     sync_api.expect(dialog).to_have_count(0)
 
@@ -130,7 +155,7 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     page.get_by_text("1 of 8").wait_for()
     wait_idle(page)
     page.evaluate("document.activeElement.blur()")  # shortcuts are not taken while a widget has the focus
-    ordered = sorted(rows, key=lambda row: float(row["score"]), reverse=True)
+    ordered = ordered_rows(rows)
     first, second = ordered[0]["sha256"], ordered[1]["sha256"]
     started = time.monotonic()
     page.keyboard.press("1")
