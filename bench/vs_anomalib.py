@@ -5,8 +5,8 @@ Install once, into a venv of its own (anomalib is not needed by the app or its t
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements.txt
     .venv-bench/bin/python -m bench.vs_anomalib [--size 256] [--repeats 5] [--threads N] [--methods stpm rd]
-        [--kdcore-precision auto [fp32]] [--accuracy-epochs N --data ../shared/data/magnetic_tile]
-        [--out bench/results]
+        [--kdcore-precision auto [fp32]] [--stpm-backbone resnet18]
+        [--accuracy-epochs N --data ../shared/data/magnetic_tile] [--out bench/results]
 
 One command produces the whole comparison. Each (library, method) is measured in its own child process of this
 module, started by this command one after the other, so that its peak memory is its own; every child uses the same
@@ -233,7 +233,7 @@ def time_pair(step, predict, size: int, batch: int, repeats: int, warmup: int, s
 
 def run_speed_child(spec: dict) -> dict:
     method, library, size = spec["method"], spec["library"], spec["size"]
-    backbone, weights = BACKBONES[method], spec["weights"]
+    backbone, weights = spec["backbone"], spec["weights"]
     strides = kdcore.create_method(method).teacher_strides()
     if library == "anomalib":
         import_anomalib_models()
@@ -337,11 +337,10 @@ def run_child(spec: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def check_teachers(method: str, size: int, weights: str, seed: int) -> dict:
+def check_teachers(method: str, backbone: str, size: int, weights: str, seed: int) -> dict:
     """Both libraries' teachers side by side: same tensors, same levels and strides, features that agree."""
     from kdcore.backbones import Backbone
 
-    backbone = BACKBONES[method]
     strides = kdcore.create_method(method).teacher_strides()
     ours = Backbone(backbone, strides, weights)
     _, theirs, _, _ = build_anomalib(method, backbone, strides, size, weights, seed)
@@ -421,6 +420,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kdcore-precision", nargs="+", choices=["auto", "fp32"], default=["auto"])
+    parser.add_argument("--stpm-backbone", default=DEFAULT_BACKBONE,
+                        help="STPM's teacher for the speed comparison, e.g. resnet18; other than the default, "
+                             "both libraries load one shared randomly initialised state dict (speed only)")
     parser.add_argument("--accuracy-epochs", type=int, default=0, help="0 skips the accuracy comparison")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "magnetic_tile"))
     parser.add_argument("--out", default="bench/results", help="folder for vs_anomalib_<size>.json")
@@ -445,17 +447,18 @@ def main(argv=None) -> int:
               "seed": args.seed}
     pairs, checks = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        backbones = {**BACKBONES, "stpm": args.stpm_backbone}
         for method in args.methods:
-            weights = "default"
-            if method == "rd":
+            backbone, weights = backbones[method], "default"
+            if backbone != DEFAULT_BACKBONE:  # no offline ImageNet weights: the same random ones on both sides
                 import timm
 
                 torch.manual_seed(args.seed)
-                weights = str(Path(tmp) / f"{RD_BACKBONE}_random_init.pt")
-                torch.save(timm.create_model(RD_BACKBONE, pretrained=False).state_dict(), weights)
-            checks.append(check_teachers(method, args.size, weights, args.seed))
+                weights = str(Path(tmp) / f"{backbone}_random_init.pt")
+                torch.save(timm.create_model(backbone, pretrained=False).state_dict(), weights)
+            checks.append(check_teachers(method, backbone, args.size, weights, args.seed))
             batch = args.batch_size or kdcore.create_method(method).config.batch_size
-            spec = {**common, "method": method, "weights": weights, "batch": batch}
+            spec = {**common, "method": method, "backbone": backbone, "weights": weights, "batch": batch}
             theirs = run_child({**spec, "library": "anomalib"})
             for precision in args.kdcore_precision:
                 ours = run_child({**spec, "library": "kdcore", "precision": precision})
