@@ -13,10 +13,10 @@ if ui.login_configured() and not ui.logged_in():  # serving a team: nothing with
 try:
     # On every start and page view: jobs whose worker died are marked failed, waiting jobs get a worker.
     ui.supervise()
-    ui.preload_engine()
 except StoreError as exc:  # a damaged or mismatched database: say so in one line, touch nothing
     st.error(f"The data directory cannot be opened: {exc}")
     st.stop()
+ui.preload_engine()
 
 page = st.navigation([
     st.Page("pages/home.py", title="Home", icon=ui.ICONS["home"], default=True),

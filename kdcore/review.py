@@ -81,14 +81,18 @@ def synthetic_images(store: Store, dataset_id: int, size: int, resize: str) -> l
     """The synthetic-defect check's images of a stored dataset (``kdcore.synthetic_check``), with their masks,
     labelled "synthetic <kind>": what the models' synthetic scores were measured on, to look at. Made once per
     dataset state, size and resize rule, and kept in the store; none when the dataset has no hold-out."""
-    dataset = data.load_dataset(store.dataset_dir(dataset_id))
-    if not dataset.holdout:
-        return []
-    state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in dataset.holdout]).encode())
+    # Keyed by the normal images' names, sizes and dates, which a listing gives: loading the dataset decodes
+    # every image, which only making the images needs (the hold-out is drawn from these files).
+    normals = store.dataset_dir(dataset_id) / "train" / "good"
+    files = sorted(normals.iterdir()) if normals.is_dir() else []
+    state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
     folder = store.root / "synthetic" / f"{dataset_id}-{size}-{resize}-{state.hexdigest()[:16]}"
     if not folder.is_dir():
         from kdcore.synthetic_check import write_synthetic_defects  # torch, only when the images are made
 
+        dataset = data.load_dataset(store.dataset_dir(dataset_id))
+        if not dataset.holdout:
+            return []
         staging = store.make_tmp_dir("synthetic-")
         write_synthetic_defects(dataset, staging, size, resize)
         folder.parent.mkdir(exist_ok=True)
@@ -391,9 +395,9 @@ def add_to_test_images(store: Store, dataset_id: int, defect: str, images: Seque
     then refused, and the report says why."""
     masks = []
     if store.defect_mask_state(dataset_id) is not False:
-        masks = [ingest.SourceFile(f"{Path(image.name).stem}_mask.png",
-                                   lambda path=qa_regions.region_file(store, image.sha256): open(path, "rb"))
-                 for image in images if qa_regions.region_file(store, image.sha256).exists()]
+        regions = [(image.name, qa_regions.region_file(store, image.sha256)) for image in images]
+        masks = [ingest.SourceFile(f"{Path(name).stem}_mask.png", lambda path=path: open(path, "rb"))
+                 for name, path in regions if path.exists()]
     return ingest.add_test_images(store, dataset_id, defect, _sources(images), masks)
 
 
