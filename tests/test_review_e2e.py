@@ -161,8 +161,7 @@ def test_a_threshold_saved_on_thresholds_is_used_on_inspect_and_exported(app, pa
     for key, shown in (("1", "2 of 8"), ("2", "3 of 8"), ("b", "2 of 8")):
         started = time.monotonic()
         page.keyboard.press(key)
-        # Checked every animation frame: a locator's wait polls at 0.1-1 s steps, too coarse to time this.
-        page.wait_for_function("shown => document.body.innerText.includes(shown)", arg=shown, polling="raf")
+        page.get_by_text(shown).wait_for()  # polls at 0.1-1 s steps: the times are upper bounds
         steps.append(time.monotonic() - started)
     sync_api.expect(page.get_by_text("QA: wrong")).to_be_visible()
     wait_idle(page)
