@@ -44,8 +44,9 @@ def test_save_load_gives_identical_maps(fitted, test_inputs, tmp_path):
     assert np.array_equal(maps, maps2) and np.array_equal(scores, scores2)
 
 
-def _student_map(teacher_features, student_features, blur):
-    distances = [cosine_distance_map(t, s) for t, s in zip(teacher_features, student_features)]
+def _student_map(teacher_features, student_features, level_std, blur):
+    """One student's map, each level divided by its hold-out std (``standardize_levels``)."""
+    distances = [cosine_distance_map(t, s) / std for t, s, std in zip(teacher_features, student_features, level_std)]
     return blur(fuse_levels(distances, SIZE, mode="sum", align_corners=True))
 
 
@@ -58,8 +59,10 @@ def test_map_is_mean_of_both_students_maps(fitted, test_inputs):
         teacher = net.teacher(images)
         forward = net.forward_student(images)
         reverse = net.reverse_student(net.embedding(teacher, forward[-1]))
-        forward_map = _student_map(teacher, forward, blur)[:, 0].numpy()
-        reverse_map = _student_map(teacher, reverse, blur)[:, 0].numpy()
+        forward_std, reverse_std = net.level_scale.std
+        assert not torch.equal(forward_std, reverse_std)  # each student's levels have their own scale
+        forward_map = _student_map(teacher, forward, forward_std, blur)[:, 0].numpy()
+        reverse_map = _student_map(teacher, reverse, reverse_std, blur)[:, 0].numpy()
     np.testing.assert_allclose(maps, (forward_map + reverse_map) / 2, rtol=1e-5, atol=1e-6)
     # Neither student is negligible: each accounts for a sizeable share of the map.
     for share in (forward_map.mean() / (2 * maps.mean()), reverse_map.mean() / (2 * maps.mean())):

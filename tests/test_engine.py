@@ -11,7 +11,7 @@ import kdcore
 from kdcore import data
 from kdcore.backbones import Backbone, BackboneError, lite0_package_state_dict
 from kdcore.evaluation import evaluate_model
-from kdcore.ops import GaussianBlur
+from kdcore.ops import GaussianBlur, upsample
 
 TINY = {"size": 64, "batch_size": 8}
 
@@ -185,17 +185,19 @@ def test_letterboxed_input_gives_maps_in_the_image_frame(fitted, dataset, tmp_pa
 def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted, tmp_path):
     """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
     path = tmp_path / "old.pt"
-    old = kdcore.create_method("rd", resize="stretch", linear_heads=False, epochs=1, **TINY)
+    old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, epochs=1,
+                               **TINY)
     old._build("default")
     old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
     old.teacher_weights = fitted["rd"].teacher_weights
     old.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("resize", "linear_heads"):
+    for key in ("resize", "linear_heads", "standardize_levels"):
         del payload["config"][key]
     torch.save(payload, path)
     loaded = kdcore.load(path)
     assert loaded.config.resize == "stretch" and loaded.config.linear_heads is False
+    assert loaded.config.standardize_levels is False and loaded.net.level_scale is None
     x = torch.randn(1, 3, 64, 64)
     np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
 
@@ -245,6 +247,21 @@ def test_position_normalization_centres_the_holdout_maps(fitted, dataset, tmp_pa
     np.testing.assert_allclose(normalized, (raw - offset.numpy()) / scale, rtol=1e-5, atol=1e-5)
     loaded = kdcore.load(method.save(tmp_path / "stpm.pt"))
     np.testing.assert_array_equal(loaded.predict(x)[0], normalized)
+
+
+def test_rd_levels_count_in_units_of_their_holdout_variation(fitted, dataset):
+    method = fitted["rd"]
+    net = method.net.eval()
+    std = net.level_scale.std
+    assert std.shape == (1, 3) and bool((std > 0).all()) and not torch.allclose(std, torch.ones_like(std))
+    x = method.preprocess_paths(dataset.holdout).images
+    with torch.no_grad():
+        levels = [upsample(d, 64, align_corners=True) for d in net.level_distances(x)[0]]
+        # Fitted under the CPU's bfloat16 autocast where there is one, checked here in float32.
+        for level, level_std in zip(levels, std[0]):
+            assert float((level / level_std).std()) == pytest.approx(1.0, rel=0.05)
+        expected = net.blur(sum(level / level_std for level, level_std in zip(levels, std[0])))
+        torch.testing.assert_close(net.anomaly_map(x), expected)
 
 
 def test_epochs_default_per_device():

@@ -37,7 +37,8 @@ hyper-parameters are not public. STPM's SGD lr 0.4 would be far too large for th
 is tuned for a decoder alone, and Adam-trained random-init students (US, EfficientAD) use 1e-4 to 1e-3; on the
 synthetic test set 0.002 learned faster and steadier than 0.005 and 0.01.
 
-Sd's outputs are RD's linear heads (Se, a copy of the teacher's architecture, already ends in linear block
+Each student's levels are divided by their own hold-out std before they are summed (RD's
+``standardize_levels``: Se's stride-4 to stride-16 maps vary alike, Sd's as RD's). Sd's outputs are RD's linear heads (Se, a copy of the teacher's architecture, already ends in linear block
 outputs); the map is normalised per position on the hold-out; 12 epochs on a CPU, 100 on a GPU.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.rd import OCBE, RDConfig, ReverseDecoder, ReverseDistillation, conv_bn_relu, rd_anomaly_map
+from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, ReverseDistillation, conv_bn_relu,
+                               rd_level_distances, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -73,13 +75,9 @@ def pyramid_matching_loss(teacher_features, student_features) -> torch.Tensor:
     return sum(cosine_distance_map(t, s).mean() for t, s in zip(teacher_features, student_features))
 
 
-def dskd_anomaly_map(forward_map: torch.Tensor, reverse_map: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (forward_map + reverse_map)
-
-
 class DSKDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
-                 linear_heads: bool = True):
+                 linear_heads: bool = True, standardize_levels: bool = True):
         super().__init__()
         self.teacher = teacher
         self.forward_student = create_feature_net(teacher.name, teacher.strides)
@@ -87,6 +85,7 @@ class DSKDNetwork(nn.Module):
         self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks,
                                               linear_heads)
         self.blur = GaussianBlur(sigma=4.0)
+        self.level_scale = LevelScale(2, len(teacher.channels)) if standardize_levels else None
         self.size = size
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -102,14 +101,14 @@ class DSKDNetwork(nn.Module):
         return (pyramid_matching_loss(teacher_features, forward_features)
                 + pyramid_matching_loss(teacher_features, reverse_features))
 
-    def student_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each student's own smoothed map (Se's, Sd's), at input resolution."""
+    def level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Se's and Sd's per-level distances to the teacher."""
         teacher_features, forward_features, reverse_features = self.features(x)
-        return (rd_anomaly_map(teacher_features, forward_features, self.size, self.blur),
-                rd_anomaly_map(teacher_features, reverse_features, self.size, self.blur))
+        return [rd_level_distances(teacher_features, forward_features),
+                rd_level_distances(teacher_features, reverse_features)]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return dskd_anomaly_map(*self.student_maps(x))
+        return students_anomaly_map(self.level_distances(x), self.size, self.blur, self.level_scale)
 
 
 @dataclass
