@@ -3,7 +3,8 @@
     python -m bench.map_variants bench/results/models/rd.pt [more.pt ...] --data ../shared/data/magnetic_tile
 
 For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and student features, in float32:
-- ``cosine``: per-level ``1 - cos`` summed over the levels (the methods' own map, STPM's up to a factor 2);
+- ``cosine``: per-level ``1 - cos`` summed over the levels, each divided by its hold-out std where the model
+  has one (``standardize_levels``): RD's, DSKD's and URD's own map (for STPM the sum stands in for its product);
 - ``std-L2``: EfficientAD's distance, ``mean_channels ((t - s) / σ_c)²`` with σ_c the teacher's per-channel std
   over (at most 64) training images, which also sees a change of magnitude;
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
@@ -73,11 +74,17 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
 def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Blurred maps per basic variant (students averaged), N×S×S, and the boxes of the pictures."""
     size, blur = method.config.size, GaussianBlur(4.0)
+    level_scale = getattr(method.net, "level_scale", None)
     maps, boxes = {variant: [] for variant in VARIANTS[:2]}, []
     for teacher, students, batch_boxes in feature_batches(method, paths):
         for variant in maps:
-            summed = sum(upsample(level_distance(variant, t, s, std), size, align_corners=True)
-                         for student in students for t, s, std in zip(teacher, student, channel_std))
+            summed = 0
+            for index, student in enumerate(students):
+                for level, (t, s, std) in enumerate(zip(teacher, student, channel_std)):
+                    distance = level_distance(variant, t, s, std)
+                    if variant == "cosine" and level_scale is not None:
+                        distance = distance / level_scale.std[index, level]
+                    summed = summed + upsample(distance, size, align_corners=True)
             maps[variant].append(blur(summed / len(students))[:, 0])
         boxes.append(batch_boxes)
     return {variant: torch.cat(chunks) for variant, chunks in maps.items()}, torch.cat(boxes)
