@@ -346,8 +346,9 @@ def region_editor(image, picture) -> None:
     if points:
         mask = qa_regions.region_from_cells([(p["x"] * scale, p["y"] * scale) for p in points], cell * scale,
                                             full_width, full_height)
-        qa_regions.save_region(store, image.sha256, mask)
-        saved = mask
+        if saved is None or not np.array_equal(mask, saved):  # a selection stays in the chart on every rerun
+            qa_regions.save_region(store, image.sha256, mask)
+            saved = mask
     if saved is None:
         st.caption("Drag a box (or choose the lasso in the chart's toolbar) over the defect.")
         return

@@ -23,7 +23,8 @@ import kdcore
 from kdcore import data, metrics
 from kdcore.evaluation import test_masks
 from kdcore.methods.base import POSITION_SIGMA, _in_image_frame
-from kdcore.ops import GaussianBlur, position_mean, upsample
+from kdcore.methods.rd import students_anomaly_map
+from kdcore.ops import GaussianBlur, position_mean
 
 VARIANTS = ("cosine", "std-L2", "cosine + std-L2")
 STATISTICS_IMAGES = 64
@@ -74,18 +75,14 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
 def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Blurred maps per basic variant (students averaged), N×S×S, and the boxes of the pictures."""
     size, blur = method.config.size, GaussianBlur(4.0)
-    level_scale = getattr(method.net, "level_scale", None)
+    level_scale = getattr(method.net, "level_scale", None)  # the method's own weighting, for its own map
     maps, boxes = {variant: [] for variant in VARIANTS[:2]}, []
     for teacher, students, batch_boxes in feature_batches(method, paths):
         for variant in maps:
-            summed = 0
-            for index, student in enumerate(students):
-                for level, (t, s, std) in enumerate(zip(teacher, student, channel_std)):
-                    distance = level_distance(variant, t, s, std)
-                    if variant == "cosine" and level_scale is not None:
-                        distance = distance / level_scale.std[index, level]
-                    summed = summed + upsample(distance, size, align_corners=True)
-            maps[variant].append(blur(summed / len(students))[:, 0])
+            distances = [[level_distance(variant, t, s, std) for t, s, std in zip(teacher, student, channel_std)]
+                         for student in students]
+            scale = level_scale if variant == "cosine" else None
+            maps[variant].append(students_anomaly_map(distances, size, blur, scale)[:, 0])
         boxes.append(batch_boxes)
     return {variant: torch.cat(chunks) for variant, chunks in maps.items()}, torch.cat(boxes)
 

@@ -256,7 +256,7 @@ def test_rd_levels_count_in_units_of_their_holdout_variation(fitted, dataset):
     assert std.shape == (1, 3) and bool((std > 0).all()) and not torch.allclose(std, torch.ones_like(std))
     x = method.preprocess_paths(dataset.holdout).images
     with torch.no_grad():
-        levels = [upsample(d, 64, align_corners=True) for d in net.level_distances(x)[0]]
+        levels = [upsample(d, 64, align_corners=True) for d in net.student_level_distances(x)[0]]
         # Fitted under the CPU's bfloat16 autocast where there is one, checked here in float32.
         for level, level_std in zip(levels, std[0]):
             assert float((level / level_std).std()) == pytest.approx(1.0, rel=0.05)

@@ -101,14 +101,14 @@ class DSKDNetwork(nn.Module):
         return (pyramid_matching_loss(teacher_features, forward_features)
                 + pyramid_matching_loss(teacher_features, reverse_features))
 
-    def level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         """Se's and Sd's per-level distances to the teacher."""
         teacher_features, forward_features, reverse_features = self.features(x)
         return [rd_level_distances(teacher_features, forward_features),
                 rd_level_distances(teacher_features, reverse_features)]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
 
 
 @dataclass

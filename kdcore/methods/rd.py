@@ -178,19 +178,18 @@ def fit_level_scale(method: AnomalyMethod, holdout_images: torch.Tensor) -> None
     """Set ``method.net.level_scale`` from the uint8 hold-out images: the std over images and pixels of every
     student's level maps, upsampled to the input size as the map uses them."""
     net = method.net.eval()
-    total = squares = None
-    count = 0
+    std = net.level_scale.std
+    total, squares, count = torch.zeros_like(std), torch.zeros_like(std), 0
     with method._autocast():
         for chunk in holdout_images.split(32):
             maps = torch.stack([torch.stack([upsample(d.float(), net.size, align_corners=True) for d in student])
-                                for student in net.level_distances(method._normalize(chunk))])
+                                for student in net.student_level_distances(method._normalize(chunk))])
             dims = tuple(range(2, maps.dim()))
-            batch_total, batch_squares = maps.sum(dim=dims), maps.pow(2).sum(dim=dims)
-            total = batch_total if total is None else total + batch_total
-            squares = batch_squares if squares is None else squares + batch_squares
+            total += maps.sum(dim=dims)
+            squares += maps.pow(2).sum(dim=dims)
             count += maps[0, 0].numel()
     mean = total / count
-    net.level_scale.std.copy_((squares / count - mean.pow(2)).clamp_min(1e-12).sqrt())
+    std.copy_((squares / count - mean.pow(2)).clamp_min(1e-12).sqrt())
 
 
 def rd_loss(teacher_features, student_features) -> torch.Tensor:
@@ -216,11 +215,11 @@ class RDNetwork(nn.Module):
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return rd_loss(*self.features(x))
 
-    def level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         return [rd_level_distances(*self.features(x))]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
 
 
 @dataclass

@@ -137,12 +137,12 @@ class RDExpertNetwork(nn.Module):
         self.level_scale = LevelScale(1, len(expert.channels)) if standardize_levels else None
         self.size = size
 
-    def level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         teacher_features = self.teacher(x)
         return [rd_level_distances(teacher_features, self.student(teacher_features))]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
