@@ -7,8 +7,8 @@ Each method runs in its own process so that its peak memory (max RSS) is its own
 an earlier run with the same seed, size and data are kept in the table. The reference ``teacher_knn`` (the
 teacher's features, no student) runs too unless the table has its row: every method's AUROCs and AU-PRO are
 shown with their gain over it, F1-max beside the F1 of calling everything defective, and a second table gives
-the image AUROC per defect type. ``--trace`` prints the test metrics after every epoch, to diagnose budgets and
-the epoch selection; it never selects anything.
+the image AUROC per defect type. ``--trace`` prints the test metrics and the synthetic-defect check (raw maps)
+after every epoch, to diagnose budgets and the epoch selection; it never selects anything.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 import kdcore
 from kdcore.registry import list_trainable_methods
 from kdcore import data
-from kdcore import metrics
+from kdcore import metrics, synthetic_check
 from kdcore.evaluation import evaluate_model, test_masks
 
 from bench.memory import peak_rss_mib
@@ -53,11 +53,12 @@ def _inference_rate(method, paths, batch_size: int = 32, repeats: int = 3) -> fl
 
 def _epoch_reporter(method, dataset, trace: bool):
     """Progress callback printing each epoch's loss and hold-out score; with ``trace`` also the test metrics
-    of that epoch's network. The trace is a diagnosis of the selection rule and the budget: it never selects."""
-    test = None  # (input, labels, masks), read at the first epoch's end and reused
+    of that epoch's network and its synthetic-defect check (``kdcore.synthetic_check``, on raw maps). The
+    trace is a diagnosis of the selection rule and the budget: it never selects."""
+    test = synthetic = None  # (input, labels, masks) of each, made at the first epoch's end and reused
 
     def report(p: kdcore.TrainProgress) -> None:
-        nonlocal test
+        nonlocal test, synthetic
         if p.holdout_score is None:  # only the report that ends an epoch
             return
         line = f"  epoch {p.epoch}/{p.epochs}: loss {p.loss:.4g}, hold-out mean score {p.holdout_score:.4g}, " \
@@ -66,10 +67,12 @@ def _epoch_reporter(method, dataset, trace: bool):
             if test is None:
                 test = (method.preprocess_paths([s.path for s in dataset.test]),
                         np.array([s.label for s in dataset.test]), test_masks(dataset, method.config.size))
-            test_input, labels, masks = test
-            maps, scores = method._predict(test_input, 32)
-            result = metrics.evaluate(labels, scores, masks, maps)
-            line += f" | test image AUROC {result['image_auroc']:.3f}, pixel AUROC {result['pixel_auroc'] or 0:.3f}"
+                synthetic = synthetic_check.check_inputs(method, dataset)[:3]
+            for label, (x, labels, masks) in (("test", test), ("synthetic", synthetic)):
+                maps, scores = method._predict(x, 32)
+                result = metrics.evaluate(labels, scores, masks, maps)
+                line += f" | {label} image AUROC {result['image_auroc']:.3f}, " \
+                        f"pixel AUROC {result['pixel_auroc'] or 0:.3f}"
         print(line, file=sys.stderr, flush=True)
     return report
 
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME.KEY=VALUE", help="extra method parameter")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--trace", action="store_true",
-                        help="diagnosis: print the test metrics after every epoch (slower; never used to select)")
+                        help="diagnosis: print the test metrics and the synthetic-defect check after every epoch "
+                             "(slower; never used to select)")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = parser.parse_args(argv)
     out = Path(args.out)

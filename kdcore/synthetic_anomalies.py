@@ -130,3 +130,13 @@ def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, image
     beta = _uniform(n, 0.0, max_beta, generator, device).view(n, 1, 1, 1)
     fill = (1 - beta) * textures + beta * images
     return images * (1 - masks) + fill * masks, masks
+
+
+def synthesize_normalised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
+                          **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``synthesize_anomalies`` on a batch normalised by ``mean`` and ``std``: the defective copies, normalised
+    the same way and in the batch's dtype and memory format, and their masks."""
+    images = (x.float() * std + mean).clamp(0, 1)
+    defective, masks = synthesize_anomalies(images, generator, **options)
+    defective = ((defective - mean) / std).to(x.dtype)
+    return defective.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else defective, masks

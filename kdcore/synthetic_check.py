@@ -130,17 +130,23 @@ def write_synthetic_defects(dataset: data.AnomalyDataset, folder: str | Path, si
     return written
 
 
+def check_inputs(method: AnomalyMethod, dataset: data.AnomalyDataset, seed: int = SEED
+                 ) -> tuple[ModelInput, np.ndarray, np.ndarray, list[str]]:
+    """The check's model input (the hold-out normals, then their defective copies), image labels, masks in the
+    image frame and defect kinds ("good" for the normals)."""
+    images, boxes, defective, masks, kinds = holdout_defects(dataset, method.config.size, method.config.resize, seed)
+    x = ModelInput(method._normalize(torch.cat([images, defective])), torch.cat([boxes, boxes]))
+    frame_masks = to_image_frame(torch.cat([torch.zeros_like(masks), masks]).float(), x.boxes) > 0.5
+    labels = np.r_[np.zeros(len(images), int), np.ones(len(images), int)]
+    return x, labels, frame_masks.numpy(), ["good"] * len(images) + kinds
+
+
 def synthetic_check(method: AnomalyMethod, dataset: data.AnomalyDataset, seed: int = SEED) -> dict:
     """``synthetic_image_auroc``, ``synthetic_pixel_auroc`` and ``synthetic_aupro`` of the model on defective
     copies of the dataset's hold-out normals (against those normals), and the image AUROC per kind."""
-    images, boxes, defective, masks, kinds = holdout_defects(dataset, method.config.size, method.config.resize, seed)
-    both = torch.cat([images, defective])
-    x = ModelInput(method._normalize(both), torch.cat([boxes, boxes]))
+    x, labels, masks, kinds = check_inputs(method, dataset, seed)
     maps, scores = method.predict(x)
-    frame_masks = to_image_frame(torch.cat([torch.zeros_like(masks), masks]).float(), x.boxes) > 0.5
-    labels = np.r_[np.zeros(len(images), int), np.ones(len(images), int)]
-    result = metrics.evaluate(labels, scores, frame_masks.numpy(), maps,
-                              defects=["good"] * len(images) + kinds)
+    result = metrics.evaluate(labels, scores, masks, maps, defects=kinds)
     return {"synthetic_image_auroc": result["image_auroc"], "synthetic_pixel_auroc": result["pixel_auroc"],
             "synthetic_aupro": result["aupro"], "synthetic_per_kind": result.get("per_defect", {}),
             "synthetic_n_images": int(len(labels))}

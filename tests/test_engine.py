@@ -185,19 +185,20 @@ def test_letterboxed_input_gives_maps_in_the_image_frame(fitted, dataset, tmp_pa
 def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted, tmp_path):
     """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
     path = tmp_path / "old.pt"
-    old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, epochs=1,
-                               **TINY)
+    old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, denoise=False,
+                               epochs=1, **TINY)
     old._build("default")
     old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
     old.teacher_weights = fitted["rd"].teacher_weights
     old.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("resize", "linear_heads", "standardize_levels"):
+    for key in ("resize", "linear_heads", "standardize_levels", "denoise"):
         del payload["config"][key]
     torch.save(payload, path)
     loaded = kdcore.load(path)
     assert loaded.config.resize == "stretch" and loaded.config.linear_heads is False
     assert loaded.config.standardize_levels is False and loaded.net.level_scale is None
+    assert loaded.config.denoise is False  # how it was trained
     x = torch.randn(1, 3, 64, 64)
     np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
 
@@ -307,3 +308,26 @@ def test_prediction_folds_batchnorm_and_keeps_the_maps(fitted, dataset, monkeypa
     # The same pair used alone folds.
     folded_alone, n_folded = fold_batchnorm(shared, torch.randn(1, 3, 8, 8), lambda net, t: net.norm(net.conv(t)))
     assert n_folded == 1 and isinstance(folded_alone.norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name", ["stpm", "rd", "dskd"])
+def test_denoising_student_learns_and_trains_on_defective_copies(dataset, name, monkeypatch):
+    """With ``denoise`` every step also feeds the student a synthetic-defect copy of its batch."""
+    from kdcore.methods import denoising
+    seen = []
+    synthesize = denoising.synthesize_normalised
+
+    def recording(x, *args, **kwargs):
+        defective, masks = synthesize(x, *args, **kwargs)
+        seen.append((x.clone(), defective.clone(), masks.clone()))
+        return defective, masks
+
+    monkeypatch.setattr(denoising, "synthesize_normalised", recording)
+    method = kdcore.create_method(name, epochs=4, denoise=True, **TINY).fit(dataset)
+    assert len(seen) == method.training_info["steps"]  # one defective copy per step
+    for x, defective, masks in seen:
+        outside = (masks == 0).expand_as(x)
+        assert torch.allclose(defective.float()[outside], x.float()[outside], atol=1e-4)
+        assert not torch.allclose(defective.float()[~outside], x.float()[~outside], atol=1e-2)
+    result = evaluate_model(method, dataset)
+    assert result["image_auroc"] >= 0.9, result

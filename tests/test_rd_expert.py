@@ -55,7 +55,7 @@ def test_save_load_gives_identical_maps(fitted, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("params", [
-    {"teacher_lr": 0.0}, {"lr": -1.0}, {"image_texture_prob": 1.5}, {"image_texture_prob": -0.1},
+    {"teacher_lr": 0.0}, {"lr": -1.0}, {"image_texture_prob": 1.5}, {"image_texture_prob": -0.1}, {"denoise": False},
     {"decoder_blocks": 0}, {"epochs": 0}, {"expert_lr": 1e-4},
 ])
 def test_rejects_bad_parameters(params):
@@ -98,3 +98,4 @@ def test_synthesis_changes_only_masked_pixels():
     outside = (masks == 0).expand_as(images)
     assert torch.equal(defective[outside], images[outside])
     assert 0 <= defective.min() and defective.max() <= 1
+

@@ -96,10 +96,14 @@ class DSKDNetwork(nn.Module):
         reverse_features = self.reverse_student(self.embedding(teacher_features, forward_features[-1]))
         return teacher_features, forward_features, reverse_features
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+        """Both students matched to the teacher on ``x``; with ``defective`` (x with synthetic defects) also
+        both students' outputs for the defective copy matched to the teacher's features of ``x``."""
         teacher_features, forward_features, reverse_features = self.features(x)
-        return (pyramid_matching_loss(teacher_features, forward_features)
-                + pyramid_matching_loss(teacher_features, reverse_features))
+        students = [forward_features, reverse_features]
+        if defective is not None:
+            students += self.features(defective)[1:]
+        return sum(pyramid_matching_loss(teacher_features, student) for student in students)
 
     def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         """Se's and Sd's per-level distances to the teacher."""
@@ -116,6 +120,7 @@ class DSKDConfig(RDConfig):
     """RD's parameters (the embedding holds an OCBE, Sd is RD's decoder); one lr for both students."""
 
     lr: float = 0.002
+    denoise: bool = False
 
 
 @register_method

@@ -46,6 +46,16 @@ image / pixel AUROC / AU-PRO 0.790 / 0.563 / 0.651 → 0.814 / 0.603 / 0.667, UR
 0.829 / 0.603 / 0.685, DSKD 0.707 / 0.613 / 0.666 → 0.728 / 0.625 / 0.671; on elpv (image labels, 3-epoch
 models) RD 0.897 → 0.898, URD 0.891 → 0.890, DSKD 0.906 → 0.909. ``False`` is the paper's map (and how models
 saved before it existed load).
+
+Departure, ``denoise=True`` (default; ``kdcore.methods.denoising``): every step the student also reconstructs
+the teacher's features of the clean batch from the teacher's features of a copy with synthetic defects, as
+URD's student does and DeSTSeg's does for a forward student. The plain RD student generalises: shown a defect
+through the bottleneck, it rebuilds it. Measured on magnetic_tile (256², 20 epochs, seed 0, standardised
+levels): image / pixel AUROC / AU-PRO 0.814 / 0.603 / 0.667 → 0.879 / 0.621 / 0.698, the first student above
+the teacher's own features on image AUROC (``teacher_knn`` 0.871); per defect type blowhole 0.848 → 0.956,
+crack 0.717 → 0.798, uneven 0.690 → 0.745. A step costs about twice as much (13.1 CPU minutes for the 20
+epochs instead of 5.4). On elpv (solar cells, 3 epochs): 0.898 → 0.894. ``False`` is the paper's training (and
+how models saved before it existed are described).
 """
 from __future__ import annotations
 
@@ -56,7 +66,8 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.methods.base import AnomalyMethod
+from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.ops import GaussianBlur, cosine_distance_map, flattened_cosine_loss, fuse_levels, upsample
 from kdcore.registry import register_method
 
@@ -212,8 +223,14 @@ class RDNetwork(nn.Module):
             teacher_features = self.teacher(x)
         return teacher_features, self.decoder(self.bottleneck(teacher_features))
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return rd_loss(*self.features(x))
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+        """RD's loss on ``x``; with ``defective`` (x with synthetic defects) also the student's reconstruction,
+        from the defective copy, of the teacher's features of ``x``."""
+        teacher_features, student_features = self.features(x)
+        loss = rd_loss(teacher_features, student_features)
+        if defective is not None:
+            loss = loss + rd_loss(teacher_features, self.features(defective)[1])
+        return loss
 
     def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         return [rd_level_distances(*self.features(x))]
@@ -223,7 +240,7 @@ class RDNetwork(nn.Module):
 
 
 @dataclass
-class RDConfig(MethodConfig):
+class RDConfig(DenoisingConfig):
     batch_size: int = 16
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
@@ -233,8 +250,10 @@ class RDConfig(MethodConfig):
     linear_heads: bool = True
     # Levels divided by their hold-out std before they are summed (module notes); the paper sums them as they are.
     standardize_levels: bool = True
-    legacy_defaults: ClassVar[dict] = {**MethodConfig.legacy_defaults, "linear_heads": False,
-                                       "standardize_levels": False}
+    # The student also learns from synthetic-defect copies (module notes); the paper trains on normal images only.
+    denoise: bool = True
+    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "linear_heads": False,
+                                       "standardize_levels": False, "denoise": False}
 
     def validate(self) -> None:
         super().validate()
@@ -248,7 +267,7 @@ class RDConfig(MethodConfig):
 
 
 @register_method
-class ReverseDistillation(AnomalyMethod):
+class ReverseDistillation(DenoisingMethod):
     name = "rd"
     summary = "Reverse Distillation (CVPR 2022): decoder student behind a one-class bottleneck"
     Config = RDConfig

@@ -55,18 +55,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod
+from kdcore.methods.denoising import DenoisingMethod
 from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
                                rd_level_distances, rd_loss, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
-from kdcore.synthetic_anomalies import synthesize_anomalies
 
 
 # ---------------------------------------------------------------------------------------------------- network
@@ -168,17 +168,18 @@ def student_loss(student_normal, student_synthetic, teacher_normal, expert_norma
 # ---------------------------------------------------------------------------------------------------- method
 @dataclass
 class RDExpertConfig(RDConfig):
-    """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``."""
+    """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``. URD always trains its
+    student on synthetic defects, so ``denoise`` stays true."""
 
     teacher_lr: float = 1e-4
-    image_texture_prob: float = 0.5  # share of synthetic defects textured from another image, else procedural
+    legacy_defaults: ClassVar[dict] = {**RDConfig.legacy_defaults, "denoise": True}
 
     def validate(self) -> None:
         super().validate()
         if not self.teacher_lr > 0:
             raise ValueError(f"teacher_lr must be positive, got {self.teacher_lr!r}")
-        if not 0.0 <= self.image_texture_prob <= 1.0:
-            raise ValueError(f"image_texture_prob must be in [0, 1], got {self.image_texture_prob!r}")
+        if not self.denoise:
+            raise ValueError("rd_expert always trains its student on synthetic defects: denoise cannot be false")
 
 
 def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -188,7 +189,7 @@ def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 @register_method
-class RDExpert(AnomalyMethod):
+class RDExpert(DenoisingMethod):
     name = "rd_expert"
     summary = "Reverse Distillation with expert (URD, AAAI 2025): trained teacher, guided skips, synthetic defects"
     Config = RDExpertConfig
@@ -211,20 +212,10 @@ class RDExpert(AnomalyMethod):
         return [torch.optim.Adam(self.net.student.parameters(), lr=c.lr, betas=c.betas),
                 torch.optim.Adam(self.net.teacher.parameters(), lr=c.teacher_lr, betas=c.betas)]
 
-    def setup_training(self, train_images: torch.Tensor) -> None:
-        # Its own stream, apart from the base's batch-order generator seeded with the same seed.
-        self._anomaly_generator = torch.Generator().manual_seed(self.config.seed + 1)
-
-    def _synthesize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Defective copies of the normalised batch (synthesis works on [0, 1] images) and their masks."""
-        images = (x.float() * self._std + self._mean).clamp(0, 1)
-        defective, mask = synthesize_anomalies(images, self._anomaly_generator, self.config.image_texture_prob)
-        return (defective - self._mean) / self._std, mask
-
     def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
         student_optimizer, teacher_optimizer = optimizers
         net = self.net
-        x_synthetic, mask = self._synthesize(x)
+        x_synthetic, mask = self.synthesize(x)
         with torch.no_grad():
             expert_normal, expert_synthetic = net.expert(x), net.expert(x_synthetic)
         teacher_normal, teacher_synthetic = net.teacher(x), net.teacher(x_synthetic)

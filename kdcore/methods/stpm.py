@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.ops import fuse_levels, normalized_sq_distance_map
 from kdcore.registry import register_method
 
@@ -45,8 +45,14 @@ class STPMNetwork(nn.Module):
             teacher_features = self.teacher(x)
         return [normalized_sq_distance_map(t, s) for t, s in zip(teacher_features, self.student(x))]
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(distance.mean() for distance in self.level_distances(x))
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+        """The pyramid-matching loss on ``x``; with ``defective`` (x with synthetic defects) also the student's
+        features of the defective copy matched to the teacher's features of ``x``."""
+        with torch.no_grad():
+            teacher_features = self.teacher(x)
+        students = [self.student(x)] + ([self.student(defective)] if defective is not None else [])
+        return sum(normalized_sq_distance_map(t, s).mean()
+                   for student in students for t, s in zip(teacher_features, student))
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         return fuse_levels(self.level_distances(x), self.size, mode="product")
@@ -56,7 +62,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
-class STPMConfig(MethodConfig):
+class STPMConfig(DenoisingConfig):
     """``optimizer="sgd"`` with lr 0.4, momentum 0.9, weight decay 1e-4 is the paper's ResNet-18 recipe."""
 
     batch_size: int = 16
@@ -64,7 +70,7 @@ class STPMConfig(MethodConfig):
     lr: float = 1e-3
     momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-5
-    legacy_defaults: ClassVar[dict] = {**MethodConfig.legacy_defaults, "optimizer": "sgd"}
+    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "optimizer": "sgd"}
 
     def validate(self) -> None:
         super().validate()
@@ -75,7 +81,7 @@ class STPMConfig(MethodConfig):
 
 
 @register_method
-class STPM(AnomalyMethod):
+class STPM(DenoisingMethod):
     name = "stpm"
     summary = "STPM (BMVC 2021): student mirrors the teacher's feature pyramid"
     Config = STPMConfig

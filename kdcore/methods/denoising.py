@@ -1,0 +1,57 @@
+"""Denoising students: trained also to give the teacher's features of a normal image from a defective copy.
+
+A student trained on normal images only learns a mapping that is smooth in its input, and it generalises:
+shown a defect, it reproduces the teacher's response to it, and the defect vanishes from the map. DeSTSeg
+(Zhang et al., CVPR 2023) trains its student on synthetic defects with the teacher's features of the *clean*
+image as the target, and URD's student (``kdcore.methods.rd_expert``) does the same behind its own teacher.
+``denoise=True`` adds that target to a method's own loss: every step, the batch gets a copy with DRAEM-style
+synthetic defects (``kdcore.synthetic_anomalies``), and the student's output for the copy is matched, with the
+method's own loss, to the teacher's features of the clean batch. The map is unchanged: the teacher sees the
+test image as it is, the student answers with what a normal image would give there.
+
+A method opts in by inheriting ``DenoisingConfig`` and ``DenoisingMethod`` and by giving its network a
+``loss(x, defective=None)`` that adds that term when ``defective`` is given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.synthetic_anomalies import synthesize_normalised
+
+
+@dataclass
+class DenoisingConfig(MethodConfig):
+    denoise: bool = False
+    image_texture_prob: float = 0.5  # share of synthetic defects textured from another image, else procedural
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.image_texture_prob <= 1.0:
+            raise ValueError(f"image_texture_prob must be in [0, 1], got {self.image_texture_prob!r}")
+
+
+class DenoisingMethod(AnomalyMethod):
+    """One optimiser over ``net.loss(x)``, or ``net.loss(x, defective)`` with ``denoise``."""
+
+    def setup_training(self, train_images: torch.Tensor) -> None:
+        # Its own stream, apart from the base's batch-order generator seeded with the same seed.
+        self._anomaly_generator = torch.Generator().manual_seed(self.config.seed + 1)
+
+    def synthesize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Defective copies of the normalised batch ``x`` and their N×1×S×S masks."""
+        return synthesize_normalised(x, self._mean, self._std, self._anomaly_generator,
+                                     image_texture_prob=self.config.image_texture_prob)
+
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
+        if not self.config.denoise:
+            return super().training_step(x, optimizers)
+        (optimizer,) = optimizers
+        defective, _ = self.synthesize(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.net.loss(x, defective)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
