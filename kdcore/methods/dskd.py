@@ -39,7 +39,14 @@ synthetic test set 0.002 learned faster and steadier than 0.005 and 0.01.
 
 Each student's levels are divided by their own hold-out std before they are summed (RD's
 ``standardize_levels``: Se's stride-4 to stride-16 maps vary alike, Sd's as RD's). Sd's outputs are RD's linear heads (Se, a copy of the teacher's architecture, already ends in linear block
-outputs); the map is normalised per position on the hold-out; 12 epochs on a CPU, 100 on a GPU.
+outputs); the map is normalised per position on the hold-out; 8 epochs on a CPU, 100 on a GPU.
+
+Both students also learn from synthetic defects (RD's ``denoise``, ``kdcore.methods.denoising``, on by default):
+every step, Se gets a copy of the batch with synthetic defects and Sd the embedding of that copy, and both are
+matched to the teacher's features of the clean batch. Se then is DeSTSeg's denoising student (Zhang et al.,
+CVPR 2023) and Sd the denoising RD student. Measured on magnetic_tile (256², seed 0): image / pixel AUROC /
+AU-PRO 0.728 / 0.625 / 0.671 (12 epochs, 14.8 CPU minutes) → 0.766 / 0.647 / 0.688 (8 epochs, 20.1 minutes; a
+step costs twice as much, so the CPU default fell from 12 to 8 epochs). ``denoise=False`` is the plain reading.
 """
 from __future__ import annotations
 
@@ -120,7 +127,6 @@ class DSKDConfig(RDConfig):
     """RD's parameters (the embedding holds an OCBE, Sd is RD's decoder); one lr for both students."""
 
     lr: float = 0.002
-    denoise: bool = False
 
 
 @register_method
@@ -128,5 +134,6 @@ class DSKD(ReverseDistillation):
     name = "dskd"
     summary = "DSKD-style (2024): forward and reverse students interacting through a deep-feature embedding"
     Config = DSKDConfig
-    default_epochs = {"cpu": 12, "cuda": 100}
+    # 8 CPU epochs: each step trains both students on a synthetic-defect copy too (``denoise``), twice the cost.
+    default_epochs = {"cpu": 8, "cuda": 100}
     network_class = DSKDNetwork
