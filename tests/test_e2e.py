@@ -117,6 +117,12 @@ def wait_images_loaded(page) -> None:
                            ".every(img => img.complete && img.naturalWidth > 0)")
 
 
+def upload(page, label: str, files) -> None:
+    """Give ``files`` to the file uploader labelled ``label`` (by label, not position: tabs render hidden ones)."""
+    uploader = page.get_by_test_id("stFileUploader").filter(has_text=label)
+    uploader.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(files)
+
+
 def screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
@@ -143,8 +149,10 @@ def test_create_upload_train_and_find_the_model(app, page, tmp_path):
     page.get_by_label("Name").fill("bottle cap")
     page.get_by_role("button", name="Create dataset").click()
     page.get_by_text("Add normal images").first.wait_for()
-    page.get_by_test_id("stFileUploaderDropzoneInput").first.set_input_files(normal_images_zip(tmp_path / "good.zip"))
-    page.get_by_role("button", name="Add normal images").click()
+    upload(page, "Images of good parts", normal_images_zip(tmp_path / "good.zip"))
+    add = page.get_by_role("button", name="Add normal images")
+    sync_api.expect(add).to_be_enabled()  # the upload has reached the server and the page has rerun
+    add.click()
     page.get_by_text("12 image(s) added").wait_for()
     wait_idle(page)
     sync_api.expect(page.get_by_test_id("stImage")).to_have_count(12)  # the gallery
@@ -194,11 +202,15 @@ def test_repair_a_dataset_one_image_at_a_time(app, page, tmp_path):
     before = store.dataset_counts(dataset.id)
     page.goto(f"{url}/datasets?dataset={dataset.id}")
     page.get_by_role("tab", name="Add labelled test images").click()
-    wait_idle(page)
+    sync_api.expect(page.get_by_role("tab", selected=True)).to_have_text("Add labelled test images")
+    wait_idle(page)  # the tab's rerun (on_change) is over before the upload starts another
+    add = page.get_by_role("button", name="Add test images")
+    sync_api.expect(add).to_be_visible()
     good = tmp_path / "good_test.png"
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(good)
-    page.get_by_test_id("stFileUploaderDropzoneInput").nth(1).set_input_files(good)  # the test images' uploader
-    page.get_by_role("button", name="Add test images").click()
+    upload(page, "Test images, or zips of them", good)
+    sync_api.expect(add).to_be_enabled()
+    add.click()
     page.get_by_text("1 image(s) added").wait_for()
     wait_idle(page)
     # The rerun after an upload keeps the user on the tab they used.

@@ -95,6 +95,10 @@ def test_registry_lists_and_validates():
         kdcore.create_method("stpm", epochs=0)
     with pytest.raises(ValueError, match="lr"):
         kdcore.create_method("rd", lr=-1.0)
+    for strides in ((), (2, 8), (32,)):
+        with pytest.raises(ValueError, match="map_strides must be one or more of the teacher's strides"):
+            kdcore.create_method("dskd", map_strides=strides)
+    assert kdcore.create_method("rd", map_strides=[16, 8, 16]).config.map_strides == (8, 16)
 
 
 def test_predict_before_fit_is_an_error():
@@ -186,19 +190,20 @@ def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted
     """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
     path = tmp_path / "old.pt"
     old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, denoise=False,
-                               epochs=1, **TINY)
+                               map_strides=(4, 8, 16), epochs=1, **TINY)
     old._build("default")
     old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
     old.teacher_weights = fitted["rd"].teacher_weights
     old.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("resize", "linear_heads", "standardize_levels", "denoise"):
+    for key in ("resize", "linear_heads", "standardize_levels", "denoise", "map_strides"):
         del payload["config"][key]
     torch.save(payload, path)
     loaded = kdcore.load(path)
     assert loaded.config.resize == "stretch" and loaded.config.linear_heads is False
     assert loaded.config.standardize_levels is False and loaded.net.level_scale is None
     assert loaded.config.denoise is False  # how it was trained
+    assert loaded.config.map_strides == (4, 8, 16) and loaded.net.map_levels == (0, 1, 2)
     x = torch.randn(1, 3, 64, 64)
     np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
 
@@ -261,7 +266,9 @@ def test_rd_levels_count_in_units_of_their_holdout_variation(fitted, dataset):
         # Fitted under the CPU's bfloat16 autocast where there is one, checked here in float32.
         for level, level_std in zip(levels, std[0]):
             assert float((level / level_std).std()) == pytest.approx(1.0, rel=0.05)
-        expected = net.blur(sum(level / level_std for level, level_std in zip(levels, std[0])))
+        # The map sums the standardised levels of ``map_strides`` only (stride 8 and 16 by default).
+        assert method.config.map_strides == (8, 16)
+        expected = net.blur(sum(levels[i] / std[0, i] for i in (1, 2)))
         torch.testing.assert_close(net.anomaly_map(x), expected)
 
 

@@ -84,9 +84,11 @@ def pyramid_matching_loss(teacher_features, student_features) -> torch.Tensor:
 
 class DSKDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
-                 linear_heads: bool = True, standardize_levels: bool = True):
+                 linear_heads: bool = True, standardize_levels: bool = True,
+                 map_levels: tuple[int, ...] | None = None):
         super().__init__()
         self.teacher = teacher
+        self.map_levels = map_levels
         self.forward_student = create_feature_net(teacher.name, teacher.strides)
         self.embedding = DFEmbedding(teacher.channels, bottleneck_blocks)
         self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks,
@@ -119,7 +121,8 @@ class DSKDNetwork(nn.Module):
                 rd_level_distances(teacher_features, reverse_features)]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale,
+                                    self.map_levels)
 
 
 @dataclass

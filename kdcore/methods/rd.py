@@ -173,13 +173,16 @@ class LevelScale(nn.Module):
 
 
 def students_anomaly_map(level_distances: list[list[torch.Tensor]], size: int, blur: GaussianBlur,
-                         level_scale: LevelScale | None = None) -> torch.Tensor:
-    """RD's map from each student's level distances: levels summed at input size (align_corners=True), each
-    divided by its hold-out std when ``level_scale`` is given; the students' mean; then blurred."""
+                         level_scale: LevelScale | None = None, levels: tuple[int, ...] | None = None) -> torch.Tensor:
+    """RD's map from each student's level distances: the ``levels`` (indices; all when None) summed at input
+    size (align_corners=True), each divided by its hold-out std when ``level_scale`` is given; the students'
+    mean; then blurred."""
     fused = 0
     for student, distances in enumerate(level_distances):
         if level_scale is not None:
             distances = [d / std for d, std in zip(distances, level_scale.std[student])]
+        if levels is not None:
+            distances = [distances[level] for level in levels]
         fused = fused + fuse_levels(distances, size, mode="sum", align_corners=True)
     return blur(fused / len(level_distances))
 
@@ -203,15 +206,25 @@ def fit_level_scale(method: AnomalyMethod, holdout_images: torch.Tensor) -> None
     std.copy_((squares / count - mean.pow(2)).clamp_min(1e-12).sqrt())
 
 
+TEACHER_STRIDES = (4, 8, 16)  # the levels every RD-family network distils (``teacher_strides``)
+
+
+def map_level_indices(map_strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Indices of ``map_strides`` among the teacher's levels."""
+    return tuple(TEACHER_STRIDES.index(stride) for stride in map_strides)
+
+
 def rd_loss(teacher_features, student_features) -> torch.Tensor:
     return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
 
 
 class RDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
-                 linear_heads: bool = True, standardize_levels: bool = True):
+                 linear_heads: bool = True, standardize_levels: bool = True,
+                 map_levels: tuple[int, ...] | None = None):
         super().__init__()
         self.teacher = teacher
+        self.map_levels = map_levels
         self.bottleneck = OCBE(teacher.channels, bottleneck_blocks)
         self.decoder = ReverseDecoder(teacher.channels, self.bottleneck.out_channels, decoder_blocks, linear_heads)
         self.blur = GaussianBlur(sigma=4.0)
@@ -236,7 +249,8 @@ class RDNetwork(nn.Module):
         return [rd_level_distances(*self.features(x))]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale,
+                                    self.map_levels)
 
 
 @dataclass
@@ -252,8 +266,11 @@ class RDConfig(DenoisingConfig):
     standardize_levels: bool = True
     # The student also learns from synthetic-defect copies (module notes); the paper trains on normal images only.
     denoise: bool = True
+    # The teacher strides whose levels make the map (module notes); the paper's map uses all three. Every level
+    # is still trained.
+    map_strides: tuple[int, ...] = (8, 16)
     legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "linear_heads": False,
-                                       "standardize_levels": False, "denoise": False}
+                                       "standardize_levels": False, "denoise": False, "map_strides": TEACHER_STRIDES}
 
     def validate(self) -> None:
         super().validate()
@@ -264,6 +281,11 @@ class RDConfig(DenoisingConfig):
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        strides = (self.map_strides,) if isinstance(self.map_strides, int) else self.map_strides
+        if not strides or not set(strides) <= set(TEACHER_STRIDES):
+            raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
+                             f"got {self.map_strides!r}")
+        self.map_strides = tuple(sorted(set(strides)))
 
 
 @register_method
@@ -278,7 +300,7 @@ class ReverseDistillation(DenoisingMethod):
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
         return self.network_class(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads,
-                                  c.standardize_levels)
+                                  c.standardize_levels, map_level_indices(c.map_strides))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         if self.config.standardize_levels:

@@ -64,7 +64,7 @@ from torch import nn
 from kdcore.backbones import Backbone
 from kdcore.methods.denoising import DenoisingMethod
 from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
-                               rd_level_distances, rd_loss, students_anomaly_map)
+                               map_level_indices, rd_level_distances, rd_loss, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -125,8 +125,10 @@ class SkipStudent(nn.Module):
 
 class RDExpertNetwork(nn.Module):
     def __init__(self, expert: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
-                 linear_heads: bool = True, standardize_levels: bool = True):
+                 linear_heads: bool = True, standardize_levels: bool = True,
+                 map_levels: tuple[int, ...] | None = None):
         super().__init__()
+        self.map_levels = map_levels
         if len(expert.channels) != 3:
             raise ValueError(f"rd_expert needs exactly three teacher levels, got {len(expert.channels)}")
         self.expert = expert
@@ -142,7 +144,8 @@ class RDExpertNetwork(nn.Module):
         return [rd_level_distances(teacher_features, self.student(teacher_features))]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale)
+        return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale,
+                                    self.map_levels)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -201,7 +204,7 @@ class RDExpert(DenoisingMethod):
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
         return RDExpertNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads,
-                               c.standardize_levels)
+                               c.standardize_levels, map_level_indices(c.map_strides))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         if self.config.standardize_levels:
