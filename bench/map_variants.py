@@ -3,8 +3,9 @@
     python -m bench.map_variants bench/results/models/rd.pt [more.pt ...] --data ../shared/data/magnetic_tile
 
 For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and student features, in float32:
-- ``cosine``: per-level ``1 - cos`` summed over the levels, each divided by its hold-out std where the model
-  has one (``standardize_levels``): RD's, DSKD's and URD's own map (for STPM the sum stands in for its product);
+- ``cosine``: per-level ``1 - cos`` summed over the model's map levels (``map_strides``), each divided by its
+  hold-out std where the model has one (``standardize_levels``): RD's, DSKD's and URD's own map (for STPM the
+  sum stands in for its product);
 - ``std-L2``: EfficientAD's distance, ``mean_channels ((t - s) / σ_c)²`` with σ_c the teacher's per-channel std
   over (at most 64) training images, which also sees a change of magnitude;
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
@@ -75,14 +76,16 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
 def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Blurred maps per basic variant (students averaged), N×S×S, and the boxes of the pictures."""
     size, blur = method.config.size, GaussianBlur(4.0)
-    level_scale = getattr(method.net, "level_scale", None)  # the method's own weighting, for its own map
+    # The method's own level weighting and choice of levels, for its own map.
+    level_scale, map_levels = getattr(method.net, "level_scale", None), getattr(method.net, "map_levels", None)
     maps, boxes = {variant: [] for variant in VARIANTS[:2]}, []
     for teacher, students, batch_boxes in feature_batches(method, paths):
         for variant in maps:
             distances = [[level_distance(variant, t, s, std) for t, s, std in zip(teacher, student, channel_std)]
                          for student in students]
-            scale = level_scale if variant == "cosine" else None
-            maps[variant].append(students_anomaly_map(distances, size, blur, scale)[:, 0])
+            own = variant == "cosine"
+            maps[variant].append(students_anomaly_map(distances, size, blur, level_scale if own else None,
+                                                      map_levels if own else None)[:, 0])
         boxes.append(batch_boxes)
     return {variant: torch.cat(chunks) for variant, chunks in maps.items()}, torch.cat(boxes)
 

@@ -43,8 +43,9 @@ Map: as RD, ``Σ_l (1 - cos(S(T(x)), T(x)))`` per pixel, upsampled (align_corner
 image score = max. Length: the code runs 5000 iterations of batch 16, about 120 epochs of 680 images: the GPU
 default; a CPU step costs about 2.2 s at 256², so the CPU default is 6 epochs. The student's outputs are RD's
 linear heads, each level is divided by its hold-out std before the sum (``standardize_levels``; URD on
-magnetic_tile 0.813 / 0.579 / 0.676 → 0.829 / 0.603 / 0.685 image / pixel AUROC / AU-PRO) and the map is
-normalised per position on the hold-out (all three in ``kdcore.methods.rd``).
+magnetic_tile 0.813 / 0.579 / 0.676 → 0.829 / 0.603 / 0.685 image / pixel AUROC / AU-PRO), only the stride-8
+and stride-16 levels make the map (``map_strides``; 0.829 / 0.603 / 0.685 → 0.828 / 0.628 / 0.680 on the same
+network) and the map is normalised per position on the hold-out (all four in ``kdcore.methods.rd``).
 
 Model selection: off (``select_on_holdout = False``), the last epoch is kept. The teacher trains, and a teacher
 that drifts toward features the student finds trivially easy (collapse: near-constant or low-rank maps) lowers
