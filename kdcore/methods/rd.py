@@ -222,6 +222,15 @@ def map_level_indices(map_strides: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(TEACHER_STRIDES.index(stride) for stride in map_strides)
 
 
+def checked_map_strides(map_strides) -> tuple[int, ...]:
+    """``map_strides`` as a sorted tuple, or a clear error where it names no level or one the teacher lacks."""
+    strides = (map_strides,) if isinstance(map_strides, int) else tuple(map_strides)
+    if not strides or not set(strides) <= set(TEACHER_STRIDES):
+        raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
+                         f"got {map_strides!r}")
+    return tuple(sorted(set(strides)))
+
+
 def rd_loss(teacher_features, student_features) -> torch.Tensor:
     return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
 
@@ -289,11 +298,7 @@ class RDConfig(DenoisingConfig):
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        strides = (self.map_strides,) if isinstance(self.map_strides, int) else self.map_strides
-        if not strides or not set(strides) <= set(TEACHER_STRIDES):
-            raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
-                             f"got {self.map_strides!r}")
-        self.map_strides = tuple(sorted(set(strides)))
+        self.map_strides = checked_map_strides(self.map_strides)
 
 
 @register_method
