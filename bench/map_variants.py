@@ -7,7 +7,7 @@ For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and
   hold-out std where the model has one (``standardize_levels``): RD's, DSKD's and URD's own map (for STPM the
   sum stands in for its product);
 - ``std-L2``: EfficientAD's distance, ``mean_channels ((t - s) / σ_c)²`` with σ_c the teacher's per-channel std
-  over (at most 64) training images, which also sees a change of magnitude;
+  over (at most 64) training images, which also sees a change of magnitude; summed over the same levels;
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
 Each is upsampled (align_corners=True), blurred with σ = 4 and has the hold-out's per-position mean removed, as
 the methods do; the one evaluator then gives image AUROC, pixel AUROC, AU-PRO and per defect type.
@@ -76,7 +76,7 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
 def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Blurred maps per basic variant (students averaged), N×S×S, and the boxes of the pictures."""
     size, blur = method.config.size, GaussianBlur(4.0)
-    # The method's own level weighting and choice of levels, for its own map.
+    # The method's own choice of levels for every variant; its level weighting for its own map only.
     level_scale, map_levels = getattr(method.net, "level_scale", None), getattr(method.net, "map_levels", None)
     maps, boxes = {variant: [] for variant in VARIANTS[:2]}, []
     for teacher, students, batch_boxes in feature_batches(method, paths):
@@ -85,7 +85,7 @@ def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch
                          for student in students]
             own = variant == "cosine"
             maps[variant].append(students_anomaly_map(distances, size, blur, level_scale if own else None,
-                                                      map_levels if own else None)[:, 0])
+                                                      map_levels)[:, 0])
         boxes.append(batch_boxes)
     return {variant: torch.cat(chunks) for variant, chunks in maps.items()}, torch.cat(boxes)
 
