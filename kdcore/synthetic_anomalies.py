@@ -39,17 +39,19 @@ def perlin_noise(size: int, res: torch.Tensor, generator: torch.Generator, devic
     n = res.shape[0]
     cells = int(res.max()) + 1
     angles = 2 * math.pi * torch.rand(n, cells, cells, generator=generator)
-    gradients = torch.stack((angles.cos(), angles.sin()), dim=-1).to(device)  # N×L×L×2
+    gradients = torch.stack((angles.cos(), angles.sin()), dim=1).to(device)  # N×2×L×L
     steps = torch.arange(size, dtype=torch.float32, device=device) / size
     pos_y = steps[None, :] * res[:, 0:1].to(device)  # N×S, lattice coordinates of each row
     pos_x = steps[None, :] * res[:, 1:2].to(device)
     cell_y, cell_x = pos_y.long(), pos_x.long()
     fy, fx = (pos_y - cell_y)[:, :, None], (pos_x - cell_x)[:, None, :]
-    batch = torch.arange(n, device=device)[:, None, None]
 
     def corner(dy: int, dx: int) -> torch.Tensor:
-        g = gradients[batch, (cell_y + dy)[:, :, None], (cell_x + dx)[:, None, :]]  # N×S×S×2
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+        # Rows first, then columns: two gathers along one axis each are several times faster than one
+        # gather with broadcast row and column indices.
+        rows = torch.gather(gradients, 2, (cell_y + dy)[:, None, :, None].expand(n, 2, size, cells))  # N×2×S×L
+        g = torch.gather(rows, 3, (cell_x + dx)[:, None, None, :].expand(n, 2, size, size))  # N×2×S×S
+        return g[:, 0] * (fy - dy) + g[:, 1] * (fx - dx)
 
     ty, tx = _fade(fy), _fade(fx)
     top = torch.lerp(corner(0, 0), corner(1, 0), ty)

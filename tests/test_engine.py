@@ -338,3 +338,43 @@ def test_denoising_student_learns_and_trains_on_defective_copies(dataset, name, 
         assert not torch.allclose(defective.float()[~outside], x.float()[~outside], atol=1e-2)
     result = evaluate_model(method, dataset)
     assert result["image_auroc"] >= 0.9, result
+
+
+@pytest.mark.parametrize("name", ["rd", "rd_expert"])
+def test_cached_frozen_features_train_the_same_model(dataset, name, monkeypatch):
+    """On a CPU the frozen network's features of the training images are computed once; the losses and the
+    trained model are those of computing them at every step."""
+    from kdcore.methods import feature_cache
+
+    def trained(max_bytes):
+        monkeypatch.setattr(feature_cache, "MAX_CACHE_BYTES", max_bytes)
+        losses = []
+        method = kdcore.create_method(name, epochs=2, **TINY)
+        method.fit(dataset, progress=lambda p: losses.append(p.loss))
+        return method, losses
+
+    cached, cached_losses = trained(feature_cache.MAX_CACHE_BYTES)
+    uncached, uncached_losses = trained(0)  # nothing fits: computed at every step
+    assert cached._frozen_features is None  # released after training
+    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=1e-4)
+    x = cached.preprocess_paths([sample.path for sample in dataset.test[:4]])
+    np.testing.assert_allclose(cached.predict(x)[0], uncached.predict(x)[0], rtol=1e-3, atol=1e-4)
+
+
+def test_feature_cache_holds_what_the_network_computes(dataset):
+    from kdcore.methods.feature_cache import FrozenFeatureCache
+    method = kdcore.create_method("rd", **TINY)
+    method._build("default")
+    images = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8)
+
+    def autocast():
+        return method._autocast(training=True)
+
+    cache = FrozenFeatureCache.build(method.net.teacher, images, method._normalize, torch.device("cpu"), autocast)
+    indices = torch.tensor([39, 3, 17])
+    with torch.no_grad(), autocast():
+        expected = method.net.teacher(method._normalize(images[indices]))
+    for got, want in zip(cache[indices], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert FrozenFeatureCache.build(method.net.teacher, images, method._normalize, torch.device("cuda"),
+                                    autocast) is None  # kept on CPUs only

@@ -222,8 +222,11 @@ class AnomalyMethod:
     def setup_training(self, train_images: torch.Tensor) -> None:
         """Called once before the first step with the uint8 training images (N×3×S×S); e.g. for statistics."""
 
-    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
-        """One update on the normalised batch ``x``; returns the loss. Default: one optimiser, ``net.loss``."""
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer],
+                      indices: torch.Tensor | None = None) -> float:
+        """One update on the normalised batch ``x``; returns the loss. Default: one optimiser, ``net.loss``.
+        ``indices``: the batch's positions among the images given to ``setup_training``, for per-image caches
+        (None where the batch is not from them, e.g. in the speed benchmark)."""
         (optimizer,) = optimizers
         optimizer.zero_grad(set_to_none=True)
         loss = self.net.loss(x)
@@ -397,9 +400,9 @@ class AnomalyMethod:
             self.net.train()
             order = torch.randperm(len(train_u8), generator=generator)
             for batch_index in range(steps_per_epoch):
-                batch = train_u8[order[batch_index * batch_size:(batch_index + 1) * batch_size]]
+                indices = order[batch_index * batch_size:(batch_index + 1) * batch_size]
                 with self._autocast(training=True):
-                    loss = self.training_step(self._normalize(batch), optimizers)
+                    loss = self.training_step(self._normalize(train_u8[indices]), optimizers, indices)
                 step += 1
                 if progress is not None:
                     progress(self._progress(step, total_steps, epoch, loss, start))

@@ -10,15 +10,19 @@ method's own loss, to the teacher's features of the clean batch. The map is unch
 test image as it is, the student answers with what a normal image would give there.
 
 A method opts in by inheriting ``DenoisingConfig`` and ``DenoisingMethod`` and by giving its network a
-``loss(x, defective=None)`` that adds that term when ``defective`` is given.
+``loss(x, defective=None, teacher_features=None)`` that adds that term when ``defective`` is given and uses
+``teacher_features`` (the frozen teacher's features of ``x``, from ``kdcore.methods.feature_cache``) instead of
+computing them when they are given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from kdcore.methods.base import AnomalyMethod, MethodConfig
+from kdcore.methods.feature_cache import FrozenFeatureCache
 from kdcore.synthetic_anomalies import synthesize_normalised
 
 
@@ -36,22 +40,37 @@ class DenoisingConfig(MethodConfig):
 class DenoisingMethod(AnomalyMethod):
     """One optimiser over ``net.loss(x)``, or ``net.loss(x, defective)`` with ``denoise``."""
 
+    def frozen_network(self) -> nn.Module | None:
+        """The frozen network whose features of the training images are cached (``feature_cache``); None for none."""
+        return self.net.teacher
+
     def setup_training(self, train_images: torch.Tensor) -> None:
         # Its own stream, apart from the base's batch-order generator seeded with the same seed.
         self._anomaly_generator = torch.Generator().manual_seed(self.config.seed + 1)
+        frozen = self.frozen_network()
+        self._frozen_features = None if frozen is None else FrozenFeatureCache.build(
+            frozen, train_images, self._normalize, self.device, lambda: self._autocast(training=True))
+
+    def frozen_features(self, indices: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The cached frozen features of the training images at ``indices``, None where there is no cache."""
+        if indices is None or getattr(self, "_frozen_features", None) is None:
+            return None
+        return self._frozen_features[indices]
+
+    def finish_training(self, holdout_images: torch.Tensor) -> None:
+        self._frozen_features = None
 
     def synthesize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Defective copies of the normalised batch ``x`` and their N×1×S×S masks."""
         return synthesize_normalised(x, self._mean, self._std, self._anomaly_generator,
                                      image_texture_prob=self.config.image_texture_prob)
 
-    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
-        if not self.config.denoise:
-            return super().training_step(x, optimizers)
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer],
+                      indices: torch.Tensor | None = None) -> float:
         (optimizer,) = optimizers
-        defective, _ = self.synthesize(x)
+        defective = self.synthesize(x)[0] if self.config.denoise else None
         optimizer.zero_grad(set_to_none=True)
-        loss = self.net.loss(x, defective)
+        loss = self.net.loss(x, defective, self.frozen_features(indices))
         loss.backward()
         optimizer.step()
         return float(loss.detach())

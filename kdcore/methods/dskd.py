@@ -100,18 +100,23 @@ class DSKDNetwork(nn.Module):
         self.level_scale = LevelScale(2, len(teacher.channels)) if standardize_levels else None
         self.size = size
 
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Teacher, forward-student and reverse-student features, each shallow to deep."""
-        with torch.no_grad():
-            teacher_features = self.teacher(x)
+    def features(self, x: torch.Tensor, teacher_features: list[torch.Tensor] | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher, forward-student and reverse-student features, each shallow to deep; ``teacher_features``,
+        where given, are the teacher's of ``x``."""
+        if teacher_features is None:
+            with torch.no_grad():
+                teacher_features = self.teacher(x)
         forward_features = self.forward_student(x)
         reverse_features = self.reverse_student(self.embedding(teacher_features, forward_features[-1]))
         return teacher_features, forward_features, reverse_features
 
-    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None,
+             teacher_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Both students matched to the teacher on ``x``; with ``defective`` (x with synthetic defects) also
-        both students' outputs for the defective copy matched to the teacher's features of ``x``."""
-        teacher_features, forward_features, reverse_features = self.features(x)
+        both students' outputs for the defective copy matched to the teacher's features of ``x``.
+        ``teacher_features``: as in ``features``."""
+        teacher_features, forward_features, reverse_features = self.features(x, teacher_features)
         students = [forward_features, reverse_features]
         if defective is not None:
             students += self.features(defective)[1:]

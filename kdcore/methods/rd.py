@@ -252,15 +252,19 @@ class RDNetwork(nn.Module):
         self.level_scale = LevelScale(1, len(teacher.channels)) if standardize_levels else None
         self.size = size
 
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        with torch.no_grad():
-            teacher_features = self.teacher(x)
+    def features(self, x: torch.Tensor, teacher_features: list[torch.Tensor] | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student features of ``x``; ``teacher_features``, where given, are the teacher's of ``x``."""
+        if teacher_features is None:
+            with torch.no_grad():
+                teacher_features = self.teacher(x)
         return teacher_features, self.decoder(self.bottleneck(teacher_features))
 
-    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None,
+             teacher_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """RD's loss on ``x``; with ``defective`` (x with synthetic defects) also the student's reconstruction,
-        from the defective copy, of the teacher's features of ``x``."""
-        teacher_features, student_features = self.features(x)
+        from the defective copy, of the teacher's features of ``x``. ``teacher_features``: as in ``features``."""
+        teacher_features, student_features = self.features(x, teacher_features)
         loss = rd_loss(teacher_features, student_features)
         if defective is not None:
             loss = loss + rd_loss(teacher_features, self.features(defective)[1])
@@ -320,6 +324,7 @@ class ReverseDistillation(DenoisingMethod):
                                   c.standardize_levels, map_level_indices(c.map_strides))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
+        super().finish_training(holdout_images)
         if self.config.standardize_levels:
             fit_level_scale(self, holdout_images)
 

@@ -208,6 +208,7 @@ class RDExpert(DenoisingMethod):
                                c.standardize_levels, map_level_indices(c.map_strides))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
+        super().finish_training(holdout_images)
         if self.config.standardize_levels:
             fit_level_scale(self, holdout_images)
 
@@ -216,12 +217,17 @@ class RDExpert(DenoisingMethod):
         return [torch.optim.Adam(self.net.student.parameters(), lr=c.lr, betas=c.betas),
                 torch.optim.Adam(self.net.teacher.parameters(), lr=c.teacher_lr, betas=c.betas)]
 
-    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> float:
+    def frozen_network(self) -> nn.Module:
+        return self.net.expert  # URD's teacher trains; its expert stays as pretrained
+
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer],
+                      indices: torch.Tensor | None = None) -> float:
         student_optimizer, teacher_optimizer = optimizers
         net = self.net
         x_synthetic, mask = self.synthesize(x)
         with torch.no_grad():
-            expert_normal, expert_synthetic = net.expert(x), net.expert(x_synthetic)
+            expert_normal = self.frozen_features(indices) or net.expert(x)
+            expert_synthetic = net.expert(x_synthetic)
         teacher_normal, teacher_synthetic = net.teacher(x), net.teacher(x_synthetic)
         loss_t = teacher_loss(teacher_normal, teacher_synthetic, expert_normal, expert_synthetic, mask)
         _update(teacher_optimizer, loss_t)

@@ -51,11 +51,14 @@ class STPMNetwork(nn.Module):
             teacher_features = self.teacher(x)
         return [normalized_sq_distance_map(t, s) for t, s in zip(teacher_features, self.student(x))]
 
-    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None,
+             teacher_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The pyramid-matching loss on ``x``; with ``defective`` (x with synthetic defects) also the student's
-        features of the defective copy matched to the teacher's features of ``x``."""
-        with torch.no_grad():
-            teacher_features = self.teacher(x)
+        features of the defective copy matched to the teacher's features of ``x`` (``teacher_features``, where
+        given, else computed)."""
+        if teacher_features is None:
+            with torch.no_grad():
+                teacher_features = self.teacher(x)
         students = [self.student(x)] + ([self.student(defective)] if defective is not None else [])
         return sum(normalized_sq_distance_map(t, s).mean()
                    for student in students for t, s in zip(teacher_features, student))
