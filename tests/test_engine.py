@@ -378,3 +378,23 @@ def test_feature_cache_holds_what_the_network_computes(dataset):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert FrozenFeatureCache.build(method.net.teacher, images, method._normalize, torch.device("cuda"),
                                     autocast) is None  # kept on CPUs only
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_over_training(dataset, monkeypatch):
+    from kdcore.methods.rd import cosine_decay
+    factor = cosine_decay(10)
+    assert [round(factor(step), 6) for step in (0, 5, 10, 12)] == [1.0, 0.5, 0.0, 0.0]
+    rates = []
+    step = torch.optim.Adam.step
+
+    def recording(optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    method = kdcore.create_method("rd", epochs=2, lr_schedule="cosine", **TINY).fit(dataset)
+    steps = method.training_info["steps"]
+    assert len(rates) == steps and rates[0] == method.config.lr
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.1 * method.config.lr
+    with pytest.raises(ValueError, match="lr_schedule"):
+        kdcore.create_method("rd", lr_schedule="linear")

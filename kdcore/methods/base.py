@@ -219,6 +219,10 @@ class AnomalyMethod:
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         raise NotImplementedError
 
+    def configure_schedulers(self, optimizers: list[torch.optim.Optimizer], total_steps: int) -> list:
+        """Learning-rate schedulers, stepped after every training step; default none (a constant rate)."""
+        return []
+
     def setup_training(self, train_images: torch.Tensor) -> None:
         """Called once before the first step with the uint8 training images (N×3×S×S); e.g. for statistics."""
 
@@ -391,6 +395,7 @@ class AnomalyMethod:
         batch_size = min(self.config.batch_size, len(train_u8))
         steps_per_epoch = len(train_u8) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
         total_steps = steps_per_epoch * self.config.epochs
+        schedulers = self.configure_schedulers(optimizers, total_steps)
         generator = torch.Generator().manual_seed(self.config.seed)
         start = time.perf_counter()
         step, loss, stopped = 0, float("nan"), False
@@ -403,6 +408,8 @@ class AnomalyMethod:
                 indices = order[batch_index * batch_size:(batch_index + 1) * batch_size]
                 with self._autocast(training=True):
                     loss = self.training_step(self._normalize(train_u8[indices]), optimizers, indices)
+                for scheduler in schedulers:
+                    scheduler.step()
                 step += 1
                 if progress is not None:
                     progress(self._progress(step, total_steps, epoch, loss, start))

@@ -64,7 +64,7 @@ from torch import nn
 
 from kdcore.backbones import Backbone
 from kdcore.methods.denoising import DenoisingMethod
-from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
+from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale, lr_schedulers,
                                map_level_indices, rd_level_distances, rd_loss, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
@@ -216,6 +216,9 @@ class RDExpert(DenoisingMethod):
         c = self.config
         return [torch.optim.Adam(self.net.student.parameters(), lr=c.lr, betas=c.betas),
                 torch.optim.Adam(self.net.teacher.parameters(), lr=c.teacher_lr, betas=c.betas)]
+
+    def configure_schedulers(self, optimizers: list[torch.optim.Optimizer], total_steps: int) -> list:
+        return lr_schedulers(self.config.lr_schedule, optimizers, total_steps)
 
     def frozen_network(self) -> nn.Module:
         return self.net.expert  # URD's teacher trains; its expert stays as pretrained
