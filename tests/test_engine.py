@@ -190,19 +190,19 @@ def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted
     """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
     path = tmp_path / "old.pt"
     old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, denoise=False,
-                               map_strides=(4, 8, 16), epochs=1, **TINY)
+                               map_strides=(4, 8, 16), lr_schedule="constant", epochs=1, **TINY)
     old._build("default")
     old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
     old.teacher_weights = fitted["rd"].teacher_weights
     old.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("resize", "linear_heads", "standardize_levels", "denoise", "map_strides"):
+    for key in ("resize", "linear_heads", "standardize_levels", "denoise", "map_strides", "lr_schedule"):
         del payload["config"][key]
     torch.save(payload, path)
     loaded = kdcore.load(path)
     assert loaded.config.resize == "stretch" and loaded.config.linear_heads is False
     assert loaded.config.standardize_levels is False and loaded.net.level_scale is None
-    assert loaded.config.denoise is False  # how it was trained
+    assert loaded.config.denoise is False and loaded.config.lr_schedule == "constant"  # how it was trained
     assert loaded.config.map_strides == (4, 8, 16) and loaded.net.map_levels == (0, 1, 2)
     x = torch.randn(1, 3, 64, 64)
     np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
