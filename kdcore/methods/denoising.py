@@ -40,20 +40,19 @@ class DenoisingConfig(MethodConfig):
 class DenoisingMethod(AnomalyMethod):
     """One optimiser over ``net.loss(x)``, or ``net.loss(x, defective)`` with ``denoise``."""
 
-    def frozen_network(self) -> nn.Module | None:
-        """The frozen network whose features of the training images are cached (``feature_cache``); None for none."""
+    def frozen_network(self) -> nn.Module:
+        """The frozen network whose features of the training images are cached (``feature_cache``)."""
         return self.net.teacher
 
     def setup_training(self, train_images: torch.Tensor) -> None:
         # Its own stream, apart from the base's batch-order generator seeded with the same seed.
         self._anomaly_generator = torch.Generator().manual_seed(self.config.seed + 1)
-        frozen = self.frozen_network()
-        self._frozen_features = None if frozen is None else FrozenFeatureCache.build(
-            frozen, train_images, self._normalize, self.device, lambda: self._autocast(training=True))
+        self._frozen_features = FrozenFeatureCache.build(
+            self.frozen_network(), train_images, self._normalize, self.device, lambda: self._autocast(training=True))
 
     def frozen_features(self, indices: torch.Tensor | None) -> list[torch.Tensor] | None:
         """The cached frozen features of the training images at ``indices``, None where there is no cache."""
-        if indices is None or getattr(self, "_frozen_features", None) is None:
+        if indices is None or self._frozen_features is None:
             return None
         return self._frozen_features[indices]
 

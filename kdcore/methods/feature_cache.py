@@ -3,9 +3,9 @@
 Training runs over the same, unaugmented training images every epoch, and a frozen teacher (or URD's frozen
 expert) gives the same features for them every time. On a CPU its forward pass over the clean batch is about a
 sixth of an RD step with synthetic defects (0.16 of 0.96 s for 16 images at 256², 2 cores), so computing it once
-buys epochs. The cache costs memory (672 KB per 256² image for EfficientNet-Lite0's strides 4/8/16), so it is
-kept only on a CPU, where the pass is expensive and memory plentiful, and only under ``MAX_CACHE_BYTES``; on a
-GPU the pass is cheap and its memory scarce.
+buys epochs. The cache costs memory (672 KB per 256² image for EfficientNet-Lite0's strides 4/8/16 in float32,
+half that under bf16 autocast), so it is kept only on a CPU, where the pass is expensive and memory plentiful,
+and only under ``MAX_CACHE_BYTES``; on a GPU the pass is cheap and its memory scarce.
 """
 from __future__ import annotations
 

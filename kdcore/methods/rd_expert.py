@@ -64,8 +64,9 @@ from torch import nn
 
 from kdcore.backbones import Backbone
 from kdcore.methods.denoising import DenoisingMethod
-from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale, lr_schedulers,
-                               map_level_indices, rd_level_distances, rd_loss, students_anomaly_map)
+from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
+                               lr_schedulers, map_level_indices, rd_level_distances, rd_loss,
+                               students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -229,7 +230,9 @@ class RDExpert(DenoisingMethod):
         net = self.net
         x_synthetic, mask = self.synthesize(x)
         with torch.no_grad():
-            expert_normal = self.frozen_features(indices) or net.expert(x)
+            expert_normal = self.frozen_features(indices)
+            if expert_normal is None:
+                expert_normal = net.expert(x)
             expert_synthetic = net.expert(x_synthetic)
         teacher_normal, teacher_synthetic = net.teacher(x), net.teacher(x_synthetic)
         loss_t = teacher_loss(teacher_normal, teacher_synthetic, expert_normal, expert_synthetic, mask)
