@@ -22,6 +22,13 @@ def normalized_sq_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return diff.pow(2).sum(dim=1, keepdim=True)
 
 
+def standardized_sq_distance_map(a: torch.Tensor, b: torch.Tensor, channel_std: torch.Tensor) -> torch.Tensor:
+    """Per-pixel mean over channels of ``((a - b) / channel_std)^2`` (EfficientAD's distance), N×1×H×W float32:
+    it sees differences of magnitude that a cosine ignores."""
+    diff = (a.float() - b.float()) / channel_std.float().view(1, -1, 1, 1)
+    return diff.pow(2).mean(dim=1, keepdim=True)
+
+
 def upsample(level_map: torch.Tensor, size: int, align_corners: bool = False) -> torch.Tensor:
     return F.interpolate(level_map, size=(size, size), mode="bilinear", align_corners=align_corners)
 

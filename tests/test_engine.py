@@ -190,13 +190,13 @@ def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted
     """A config without ``resize`` (stretched inputs) and an RD decoder without linear heads still load."""
     path = tmp_path / "old.pt"
     old = kdcore.create_method("rd", resize="stretch", linear_heads=False, standardize_levels=False, denoise=False,
-                               map_strides=(4, 8, 16), lr_schedule="constant", epochs=1, **TINY)
+                               map_strides=(4, 8, 16), lr_schedule="constant", magnitude=0.0, epochs=1, **TINY)
     old._build("default")
     old.calibration, old.threshold = fitted["rd"].calibration, fitted["rd"].threshold
     old.teacher_weights = fitted["rd"].teacher_weights
     old.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("resize", "linear_heads", "standardize_levels", "denoise", "map_strides", "lr_schedule"):
+    for key in ("resize", "linear_heads", "standardize_levels", "denoise", "map_strides", "lr_schedule", "magnitude"):
         del payload["config"][key]
     torch.save(payload, path)
     loaded = kdcore.load(path)
@@ -204,6 +204,7 @@ def test_models_saved_before_new_parameters_load_with_their_old_behaviour(fitted
     assert loaded.config.standardize_levels is False and loaded.net.level_scale is None
     assert loaded.config.denoise is False and loaded.config.lr_schedule == "constant"  # how it was trained
     assert loaded.config.map_strides == (4, 8, 16) and loaded.net.map_levels == (0, 1, 2)
+    assert loaded.config.magnitude == 0.0 and loaded.net.channel_scale is None
     x = torch.randn(1, 3, 64, 64)
     np.testing.assert_array_equal(loaded.predict(x)[0], old.predict(x)[0])
 
@@ -398,3 +399,30 @@ def test_cosine_schedule_decays_the_rate_to_zero_over_training(dataset, monkeypa
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.1 * method.config.lr
     with pytest.raises(ValueError, match="lr_schedule"):
         kdcore.create_method("rd", lr_schedule="linear")
+
+
+def test_magnitude_loss_is_in_units_of_the_teachers_channel_std(dataset, tmp_path, monkeypatch):
+    """RD's ``magnitude``: the teacher's per-channel std over the training images scales a squared distance that
+    joins the loss; the map stays the cosine; the scale is saved with the model."""
+    from kdcore.methods import rd
+    method = kdcore.create_method("rd", epochs=2, magnitude=1.0, **TINY).fit(dataset)
+    net = method.net
+    train = method._to_uint8_tensor(data.read_model_inputs(dataset.train, 64, method.config.resize)[0])
+    with torch.no_grad(), method._autocast(training=True):
+        features = net.teacher(method._normalize(train))
+    for std, level in zip(net.channel_scale.stds(), features):
+        np.testing.assert_allclose(std, level.float().std(dim=(0, 2, 3), unbiased=False), rtol=2e-2)
+        assert float(std.max() / std.min()) > 2  # channels differ in scale: the unit matters
+    x = method._normalize(train[:4])
+    with torch.no_grad():
+        teacher_features, student_features = net.features(x)
+        expected = rd.rd_loss(teacher_features, student_features) + rd.magnitude_loss(
+            teacher_features, student_features, net.channel_scale)
+        np.testing.assert_allclose(float(net.loss(x)), float(expected), rtol=1e-5)
+    loaded = kdcore.load(method.save(tmp_path / "magnitude.pt"))
+    for a, b in zip(loaded.net.channel_scale.stds(), net.channel_scale.stds()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="magnitude"):
+        kdcore.create_method("rd", magnitude=-1.0)
+    with pytest.raises(ValueError, match="magnitude"):
+        kdcore.create_method("dskd", magnitude=1.0)

@@ -56,6 +56,17 @@ class DenoisingMethod(AnomalyMethod):
             return None
         return self._frozen_features[indices]
 
+    def frozen_feature_batches(self, train_images: torch.Tensor):
+        """The frozen network's features of all training images, batch by batch (from the cache where there is
+        one)."""
+        if self._frozen_features is not None:
+            yield from zip(*(level.split(64) for level in self._frozen_features.levels))
+            return
+        network = self.frozen_network()
+        with torch.no_grad(), self._autocast(training=True):
+            for chunk in train_images.split(32):
+                yield network(self._normalize(chunk.to(self.device)))
+
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         self._frozen_features = None
 

@@ -138,6 +138,12 @@ class DSKDConfig(RDConfig):
     """RD's parameters (the embedding holds an OCBE, Sd is RD's decoder); one lr for both students."""
 
     lr: float = 0.002
+    magnitude: float = 0.0  # RD's option (``kdcore.methods.rd``), not measured on two students
+
+    def validate(self) -> None:
+        super().validate()
+        if self.magnitude:
+            raise ValueError("magnitude is an option of rd only (not measured on dskd's two students)")
 
 
 @register_method

@@ -177,6 +177,7 @@ class RDExpertConfig(RDConfig):
     student on synthetic defects, so ``denoise`` stays true."""
 
     teacher_lr: float = 1e-4
+    magnitude: float = 0.0  # RD's option; URD's teacher trains, so its channel scale would move
     legacy_defaults: ClassVar[dict] = {**RDConfig.legacy_defaults, "denoise": True}
 
     def validate(self) -> None:
@@ -185,6 +186,9 @@ class RDExpertConfig(RDConfig):
             raise ValueError(f"teacher_lr must be positive, got {self.teacher_lr!r}")
         if not self.denoise:
             raise ValueError("rd_expert always trains its student on synthetic defects: denoise cannot be false")
+        if self.magnitude:
+            raise ValueError("magnitude is an option of rd only (rd_expert's teacher trains, so it has no fixed "
+                             "channel scale)")
 
 
 def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
