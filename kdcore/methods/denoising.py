@@ -65,7 +65,7 @@ class DenoisingMethod(AnomalyMethod):
         network = self.frozen_network()
         with torch.no_grad(), self._autocast(training=True):
             for chunk in train_images.split(32):
-                yield network(self._normalize(chunk.to(self.device)))
+                yield network(self._normalize(chunk))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         self._frozen_features = None

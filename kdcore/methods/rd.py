@@ -88,9 +88,10 @@ freedom to rebuild what it was not trained on. The map stays the paper's cosine.
 ``uneven`` images 0.817 → 0.865, fray 0.896 → 0.932, crack 0.829 → 0.814); elpv ELPV_SHORT. The same term
 on the RD of an earlier session (no synthetic defects, ReLU outputs, 20 epochs) changed nothing: it pays once
 the student also rebuilds normal features from defective input. Adding the distance to the map as well
-(standardised like the levels, weight w against the cosine, the epoch-36 network) trades image for pixel AUROC: w = 0.5 0.898 / 0.716 / 0.734, w = 1 0.879 / 0.729 /
-0.745, w = 2 0.867 / 0.740 / 0.754 (``uneven`` pixel AUROC 0.654 / 0.673 / 0.688 against the reference's
-0.818), so the map keeps the cosine. ``0`` is the paper's loss (and how models saved before it existed load).
+(standardised like the levels, weight w against the cosine, the epoch-36 network) trades image for pixel
+AUROC: w = 0.5 0.898 / 0.716 / 0.734, w = 1 0.879 / 0.729 / 0.745, w = 2 0.867 / 0.740 / 0.754 (``uneven``
+pixel AUROC 0.654 / 0.673 / 0.688 against the reference's 0.818), so the map keeps the cosine.
+``0`` is the paper's loss (and how models saved before it existed load).
 """
 from __future__ import annotations
 
@@ -409,8 +410,9 @@ class ReverseDistillation(DenoisingMethod):
 
     def setup_training(self, train_images: torch.Tensor) -> None:
         super().setup_training(train_images)
-        if self.net.channel_scale is not None:
-            self.net.channel_scale.fit(self.frozen_feature_batches(train_images))
+        channel_scale = getattr(self.net, "channel_scale", None)  # DSKD's network has none
+        if channel_scale is not None:
+            channel_scale.fit(self.frozen_feature_batches(train_images))
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         super().finish_training(holdout_images)
