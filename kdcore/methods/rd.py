@@ -85,7 +85,8 @@ direction at the wrong length, and Lite0's features of a smooth, differently gro
 freedom to rebuild what it was not trained on. The map stays the paper's cosine. Measured on magnetic_tile
 (256², 36 epochs, seed 0, one 2-core CPU without AMX, the same evaluator): image / pixel AUROC / AU-PRO 0.897 /
 0.658 / 0.688 → 0.914 / 0.664 / 0.685 (epoch 35 kept; epoch 36, a hold-out tie, reads 0.929 / 0.685 / 0.696;
-``uneven`` images 0.817 → 0.865, fray 0.896 → 0.932, crack 0.829 → 0.814); elpv ELPV_SHORT. The same term
+``uneven`` images 0.817 → 0.865, fray 0.896 → 0.932, crack 0.829 → 0.814); elpv 0.949
+(F1-max 0.912) against 0.951 (0.906) before, measured on the AMX machine: unchanged. The same term
 on the RD of an earlier session (no synthetic defects, ReLU outputs, 20 epochs) changed nothing: it pays once
 the student also rebuilds normal features from defective input. Adding the distance to the map as well
 (standardised like the levels, weight w against the cosine, the epoch-36 network) trades image for pixel
