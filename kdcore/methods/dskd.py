@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, ReverseDistillation, conv_bn_relu,
+from kdcore.methods.rd import (OCBE, LevelScale, RDFamily, RDFamilyConfig, ReverseDecoder, conv_bn_relu,
                                rd_level_distances, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
@@ -134,20 +134,15 @@ class DSKDNetwork(nn.Module):
 
 
 @dataclass
-class DSKDConfig(RDConfig):
-    """RD's parameters (the embedding holds an OCBE, Sd is RD's decoder); one lr for both students."""
+class DSKDConfig(RDFamilyConfig):
+    """RD's parameters but ``magnitude`` (the embedding holds an OCBE, Sd is RD's decoder); one lr for both
+    students."""
 
     lr: float = 0.002
-    magnitude: float = 0.0  # RD's option (``kdcore.methods.rd``), not measured on two students
-
-    def validate(self) -> None:
-        super().validate()
-        if self.magnitude:
-            raise ValueError("magnitude is an option of rd only (not measured on dskd's two students)")
 
 
 @register_method
-class DSKD(ReverseDistillation):
+class DSKD(RDFamily):
     name = "dskd"
     summary = "DSKD-style (2024): forward and reverse students interacting through a deep-feature embedding"
     Config = DSKDConfig

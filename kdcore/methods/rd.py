@@ -356,7 +356,9 @@ def lr_schedulers(schedule: str, optimizers: list[torch.optim.Optimizer], total_
 
 
 @dataclass
-class RDConfig(DenoisingConfig):
+class RDFamilyConfig(DenoisingConfig):
+    """What RD, DSKD and URD share: a reverse decoder behind an OCBE, trained with Adam."""
+
     batch_size: int = 16
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
@@ -373,9 +375,7 @@ class RDConfig(DenoisingConfig):
     map_strides: tuple[int, ...] = (8, 16)
     # "constant" (the paper's) or "cosine": the rate decays to zero over the training's steps.
     lr_schedule: str = "constant"
-    # Weight of the channel-standardised squared distance in the loss (module notes); 0 is the paper's loss.
-    magnitude: float = 1.0
-    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "linear_heads": False, "magnitude": 0.0,
+    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "linear_heads": False,
                                        "standardize_levels": False, "denoise": False, "map_strides": TEACHER_STRIDES}
 
     def validate(self) -> None:
@@ -388,32 +388,37 @@ class RDConfig(DenoisingConfig):
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.map_strides = checked_map_strides(self.map_strides)
-        if not self.magnitude >= 0:
-            raise ValueError(f"magnitude must be zero or positive, got {self.magnitude!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
-@register_method
-class ReverseDistillation(DenoisingMethod):
-    name = "rd"
-    summary = "Reverse Distillation (CVPR 2022): decoder student behind a one-class bottleneck"
-    Config = RDConfig
-    default_epochs = {"cpu": 36, "cuda": 200}  # the paper's 200 epochs where a GPU makes them affordable
-    # Variants with another student network around the same teacher (DSKD) override this.
-    network_class: type[nn.Module] = RDNetwork
+@dataclass
+class RDConfig(RDFamilyConfig):
+    # Weight of the channel-standardised squared distance in the loss (module notes); 0 is the paper's loss.
+    magnitude: float = 1.0
+    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "magnitude": 0.0}
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.magnitude >= 0:
+            raise ValueError(f"magnitude must be zero or positive, got {self.magnitude!r}")
+
+
+class RDFamily(DenoisingMethod):
+    """What RD and DSKD share around their networks (``network_class``): the map's levels, the hold-out level
+    scale, Adam on everything but the teacher, the schedule."""
+
+    Config = RDFamilyConfig
+    network_class: type[nn.Module]
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
-        extra = {"magnitude": c.magnitude} if c.magnitude > 0 else {}
         return self.network_class(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads,
-                                  c.standardize_levels, map_level_indices(c.map_strides), **extra)
+                                  c.standardize_levels, map_level_indices(c.map_strides), **self.network_options())
 
-    def setup_training(self, train_images: torch.Tensor) -> None:
-        super().setup_training(train_images)
-        channel_scale = getattr(self.net, "channel_scale", None)  # DSKD's network has none
-        if channel_scale is not None:
-            channel_scale.fit(self.frozen_feature_batches(train_images))
+    def network_options(self) -> dict:
+        """Keyword arguments of ``network_class`` beyond the family's."""
+        return {}
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         super().finish_training(holdout_images)
@@ -426,3 +431,20 @@ class ReverseDistillation(DenoisingMethod):
 
     def configure_schedulers(self, optimizers: list[torch.optim.Optimizer], total_steps: int) -> list:
         return lr_schedulers(self.config.lr_schedule, optimizers, total_steps)
+
+
+@register_method
+class ReverseDistillation(RDFamily):
+    name = "rd"
+    summary = "Reverse Distillation (CVPR 2022): decoder student behind a one-class bottleneck"
+    Config = RDConfig
+    default_epochs = {"cpu": 36, "cuda": 200}  # the paper's 200 epochs where a GPU makes them affordable
+    network_class = RDNetwork
+
+    def network_options(self) -> dict:
+        return {"magnitude": self.config.magnitude}
+
+    def setup_training(self, train_images: torch.Tensor) -> None:
+        super().setup_training(train_images)
+        if self.net.channel_scale is not None:
+            self.net.channel_scale.fit(self.frozen_feature_batches(train_images))

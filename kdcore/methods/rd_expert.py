@@ -64,7 +64,7 @@ from torch import nn
 
 from kdcore.backbones import Backbone
 from kdcore.methods.denoising import DenoisingMethod
-from kdcore.methods.rd import (OCBE, LevelScale, RDConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
+from kdcore.methods.rd import (OCBE, LevelScale, RDFamilyConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
                                lr_schedulers, map_level_indices, rd_level_distances, rd_loss,
                                students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
@@ -172,13 +172,12 @@ def student_loss(student_normal, student_synthetic, teacher_normal, expert_norma
 
 # ---------------------------------------------------------------------------------------------------- method
 @dataclass
-class RDExpertConfig(RDConfig):
+class RDExpertConfig(RDFamilyConfig):
     """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``. URD always trains its
     student on synthetic defects, so ``denoise`` stays true."""
 
     teacher_lr: float = 1e-4
-    magnitude: float = 0.0  # RD's option; URD's teacher trains, so its channel scale would move
-    legacy_defaults: ClassVar[dict] = {**RDConfig.legacy_defaults, "denoise": True}
+    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True}
 
     def validate(self) -> None:
         super().validate()
@@ -186,9 +185,6 @@ class RDExpertConfig(RDConfig):
             raise ValueError(f"teacher_lr must be positive, got {self.teacher_lr!r}")
         if not self.denoise:
             raise ValueError("rd_expert always trains its student on synthetic defects: denoise cannot be false")
-        if self.magnitude:
-            raise ValueError("magnitude is an option of rd only (rd_expert's teacher trains, so it has no fixed "
-                             "channel scale)")
 
 
 def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
