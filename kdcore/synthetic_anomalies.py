@@ -10,6 +10,11 @@ odds by default, either
 - with a *procedural texture*: fractal Perlin noise (three octaves) mapped between two random colours.
 
 Blending follows DRAEM and URD: ``x̃ = x·(1 - m) + m·((1 - β)·texture + β·x)`` with β ~ U(0, 0.8) per image.
+
+With ``relight_prob`` > 0, that share of the images instead gets the region *relit* (``relight``): brighter or
+darker by a random gain, slightly blurred, with soft edges, as uneven lighting, grinding or a stain. A texture
+fill changes what the surface is; relighting changes only how bright it is, the change a student trained on
+textures alone is free to reproduce (its features differ from normal ones mostly in length).
 Unlike DRAEM (which leaves half the images clean) every synthetic image gets a non-empty defect, as URD does
 with ``aug_prob = 1``; maps that came out empty are redrawn.
 
@@ -23,7 +28,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdcore.ops import GaussianBlur
+
 MAX_MASK_REDRAWS = 100
+# A relit region's edge is feathered by a Gaussian of this sigma (pixels), so its change reaches a little past
+# its mask, as far as that blur's radius.
+RELIGHT_EDGE_SIGMA = 2.0
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -120,8 +130,24 @@ def foreign_image_textures(images: torch.Tensor, generator: torch.Generator) -> 
     return torch.where(invert, 1 - textures, textures)
 
 
+def relight(images: torch.Tensor, masks: torch.Tensor, gains: torch.Tensor,
+            edge_sigma: float = RELIGHT_EDGE_SIGMA, blur_sigma: float = 1.5) -> torch.Tensor:
+    """N×3×S×S images in [0, 1] multiplied by ``gains`` (N) and blurred by ``blur_sigma`` inside the N×1×S×S
+    ``masks``, whose edges are softened by ``edge_sigma`` (pixels)."""
+    soft = GaussianBlur(edge_sigma)(masks)
+    changed = (images * gains.view(-1, 1, 1, 1)).clamp(0, 1)
+    changed = GaussianBlur(blur_sigma)(changed.flatten(0, 1)[:, None]).view_as(images)
+    return images * (1 - soft) + changed * soft
+
+
+def relight_gains(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Per image a gain in [0.55, 0.8] (darker) or [1.25, 1.8] (brighter), with equal odds."""
+    darker = torch.rand(n, generator=generator).to(device) < 0.5
+    return torch.where(darker, _uniform(n, 0.55, 0.8, generator, device), _uniform(n, 1.25, 1.8, generator, device))
+
+
 def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, image_texture_prob: float = 0.5,
-                         max_beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+                         max_beta: float = 0.8, relight_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Defective copies of N×3×S×S images in [0, 1] and their N×1×S×S binary masks (see the module notes)."""
     n, size, device = images.shape[0], images.shape[-1], images.device
     images = images.float()
@@ -131,7 +157,13 @@ def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, image
                            procedural_textures(n, size, generator, device))
     beta = _uniform(n, 0.0, max_beta, generator, device).view(n, 1, 1, 1)
     fill = (1 - beta) * textures + beta * images
-    return images * (1 - masks) + fill * masks, masks
+    defective = images * (1 - masks) + fill * masks
+    if relight_prob > 0:  # no extra random draws otherwise: seeds keep giving the same textures as before
+        relit = (torch.rand(n, generator=generator) < relight_prob).nonzero().flatten().to(device)
+        gains = relight_gains(n, generator, device)
+        if len(relit):  # only those rows: the blurs cost three times the rest of the synthesis
+            defective[relit] = relight(images[relit], masks[relit], gains[relit])
+    return defective, masks
 
 
 def synthesize_normalised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,

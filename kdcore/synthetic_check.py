@@ -23,8 +23,8 @@ from PIL import Image
 
 from kdcore import data, metrics
 from kdcore.methods.base import AnomalyMethod, ModelInput
-from kdcore.ops import GaussianBlur, to_image_frame
-from kdcore.synthetic_anomalies import perlin_masks, synthesize_anomalies
+from kdcore.ops import to_image_frame
+from kdcore.synthetic_anomalies import perlin_masks, relight, synthesize_anomalies
 
 KINDS = ("texture", "cutpaste", "brightness", "scratch")
 SEED = 1234
@@ -75,11 +75,9 @@ def _cutpaste(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor
 
 def _brightness(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     n, size = x.shape[0], x.shape[-1]
-    masks = perlin_masks(n, size, generator)[:, 0]
-    soft = GaussianBlur(2.0)(masks[:, None])
-    gains = torch.where(torch.rand(n, generator=generator) < 0.5, 0.6, 1.5).view(n, 1, 1, 1)
-    changed = GaussianBlur(1.5)((x * gains).clamp(0, 1).flatten(0, 1)[:, None]).view_as(x)
-    return x * (1 - soft) + changed * soft, masks > 0.5
+    masks = perlin_masks(n, size, generator)
+    gains = torch.where(torch.rand(n, generator=generator) < 0.5, 0.6, 1.5)
+    return relight(x, masks, gains), masks[:, 0] > 0.5
 
 
 def _scratches(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

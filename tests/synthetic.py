@@ -4,7 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from kdcore.ops import GaussianBlur
+from kdcore.synthetic_anomalies import RELIGHT_EDGE_SIGMA
 
 DEFECT_TYPES = ("scratch", "spot")
 
@@ -58,3 +63,10 @@ def make_dataset(root: Path, n_train: int = 40, n_test_good: int = 8, n_test_def
             _save(image, root / "test" / kind / f"{kind}_{i:03d}.png")
             _save(mask.astype(np.float32), root / "ground_truth" / kind / f"{kind}_{i:03d}_mask.png")
     return root
+
+
+def within_relight_reach(masks: torch.Tensor) -> torch.Tensor:
+    """Where a synthetic defect drawn in the N×1×H×W ``masks`` may change pixels: the masks, plus the reach of a
+    relit region's feathered edge (``kdcore.synthetic_anomalies.relight``)."""
+    reach = GaussianBlur(RELIGHT_EDGE_SIGMA).radius
+    return F.max_pool2d(masks.float(), kernel_size=2 * reach + 1, stride=1, padding=reach) > 0

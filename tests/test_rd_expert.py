@@ -7,6 +7,7 @@ import kdcore
 from kdcore import data, metrics
 from kdcore.methods.rd_expert import guided_injection
 from kdcore.synthetic_anomalies import perlin_masks, synthesize_anomalies
+from synthetic import within_relight_reach
 
 SIZE = 64
 
@@ -99,3 +100,21 @@ def test_synthesis_changes_only_masked_pixels():
     assert torch.equal(defective[outside], images[outside])
     assert 0 <= defective.min() and defective.max() <= 1
 
+
+
+def test_relit_defects_change_brightness_inside_their_soft_masks_only():
+    images = 0.2 + 0.3 * torch.rand(6, 3, 64, 64)  # no gain in [0.55, 1.8] clips these
+    draw = lambda prob: synthesize_anomalies(images, torch.Generator().manual_seed(0), relight_prob=prob)
+    textured, masks = draw(0.0)
+    assert torch.equal(textured, synthesize_anomalies(images, torch.Generator().manual_seed(0))[0])
+    relit, relit_masks = draw(1.0)
+    assert torch.equal(relit_masks, masks)
+    # Pixels beyond the edge blur's reach from every masked pixel keep their value; inside, the brightness moved.
+    near = within_relight_reach(masks)
+    assert torch.allclose(relit[~near.expand_as(images)], images[~near.expand_as(images)], atol=1e-4)
+    core = (-torch.nn.functional.max_pool2d(-masks, kernel_size=9, stride=1, padding=4) > 0).expand_as(images)
+    ratios = [float(image[inside].mean() / before[inside].mean())
+              for image, before, inside in zip(relit, images, core) if inside.any()]
+    assert ratios and all(ratio < 0.85 or ratio > 1.2 for ratio in ratios), ratios
+    with pytest.raises(ValueError, match="relight_prob"):
+        kdcore.create_method("rd", relight_prob=1.5)

@@ -30,11 +30,13 @@ from kdcore.synthetic_anomalies import synthesize_normalised
 class DenoisingConfig(MethodConfig):
     denoise: bool = False
     image_texture_prob: float = 0.5  # share of synthetic defects textured from another image, else procedural
+    relight_prob: float = 0.0  # share of synthetic defects that relight their region instead of texturing it
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.image_texture_prob <= 1.0:
-            raise ValueError(f"image_texture_prob must be in [0, 1], got {self.image_texture_prob!r}")
+        for name in ("image_texture_prob", "relight_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
 class DenoisingMethod(AnomalyMethod):
@@ -73,7 +75,8 @@ class DenoisingMethod(AnomalyMethod):
     def synthesize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Defective copies of the normalised batch ``x`` and their N×1×S×S masks."""
         return synthesize_normalised(x, self._mean, self._std, self._anomaly_generator,
-                                     image_texture_prob=self.config.image_texture_prob)
+                                     image_texture_prob=self.config.image_texture_prob,
+                                     relight_prob=self.config.relight_prob)
 
     def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer],
                       indices: torch.Tensor | None = None) -> float:
