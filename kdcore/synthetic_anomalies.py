@@ -10,13 +10,13 @@ odds by default, either
 - with a *procedural texture*: fractal Perlin noise (three octaves) mapped between two random colours.
 
 Blending follows DRAEM and URD: ``x̃ = x·(1 - m) + m·((1 - β)·texture + β·x)`` with β ~ U(0, 0.8) per image.
+Unlike DRAEM (which leaves half the images clean) every synthetic image gets a non-empty defect, as URD does
+with ``aug_prob = 1``; maps that came out empty are redrawn.
 
 With ``relight_prob`` > 0, that share of the images instead gets the region *relit* (``relight``): brighter or
 darker by a random gain, slightly blurred, with soft edges, as uneven lighting, grinding or a stain. A texture
-fill changes what the surface is; relighting changes only how bright it is, the change a student trained on
-textures alone is free to reproduce (its features differ from normal ones mostly in length).
-Unlike DRAEM (which leaves half the images clean) every synthetic image gets a non-empty defect, as URD does
-with ``aug_prob = 1``; maps that came out empty are redrawn.
+fill changes what the surface is; relighting changes only how bright it is, a change a student trained on
+texture fills alone was never taught to undo. The change reaches past the mask by the edge blur's radius.
 
 Everything works on batches of float images in [0, 1] on the batch's device. All random numbers come from
 the caller's CPU ``torch.Generator``, so a seed gives the same anomalies on every device.
@@ -161,7 +161,7 @@ def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, image
     if relight_prob > 0:  # no extra random draws otherwise: seeds keep giving the same textures as before
         relit = (torch.rand(n, generator=generator) < relight_prob).nonzero().flatten().to(device)
         gains = relight_gains(n, generator, device)
-        if len(relit):  # only those rows: the blurs cost three times the rest of the synthesis
+        if len(relit):  # only those rows: their blurs cost twice the rest of the synthesis
             defective[relit] = relight(images[relit], masks[relit], gains[relit])
     return defective, masks
 
