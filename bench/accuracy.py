@@ -131,8 +131,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def per_defect_table(rows: list[dict], key: str = "per_defect") -> str:
-    """AUROC of each defect type against the good test images (``key``: "per_defect" image level,
-    "per_defect_pixel" pixel level), one row per method."""
+    """AUROC of each defect type (``key``: "per_defect" images against the good test images,
+    "per_defect_pixel" pixels with the good images', "per_defect_localization" within its own images), one row per
+    method."""
     defects = sorted({d for r in rows for d in r.get(key) or {}})
     if not defects:
         return ""
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
     pixel_table = per_defect_table(good, "per_defect_pixel")
     if pixel_table:
         table += "\n\nPixel AUROC per defect type (its images' pixels with the good test images'):\n\n" + pixel_table
+        table += ("\n\nLocalisation per defect type (its defect pixels against the same images' other pixels; 0.5: "
+                  "none):\n\n" + per_defect_table(good, "per_defect_localization"))
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     return 0

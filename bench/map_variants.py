@@ -10,7 +10,10 @@ For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and
   over (at most 64) training images, which also sees a change of magnitude; summed over the same levels;
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
 Each is upsampled (align_corners=True), blurred with σ = 4 and has the hold-out's per-position mean removed, as
-the methods do; the one evaluator then gives image AUROC, pixel AUROC, AU-PRO and per defect type.
+the methods do; the one evaluator then gives image AUROC, pixel AUROC, AU-PRO and per defect type, and
+``localization`` the per-type AUROC of defect pixels against the same images' other pixels (0.5: the map rises
+as much outside the defect as inside). ``--pool K`` averages teacher and student features over K×K
+neighbourhoods (stride 1) before any distance, comparing local patches rather than single positions.
 """
 from __future__ import annotations
 
@@ -73,13 +76,20 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
     return ((teacher - student) / channel_std).pow(2).mean(1, keepdim=True)
 
 
-def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def pooled(features: list[torch.Tensor], pool: int) -> list[torch.Tensor]:
+    if pool == 1:
+        return features
+    return [F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False) for f in features]
+
+
+def raw_maps(method, paths, channel_std, pool: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Blurred maps per basic variant (students averaged), N×S×S, and the boxes of the pictures."""
     size, blur = method.config.size, GaussianBlur(4.0)
     # The method's own choice of levels for every variant; its level weighting for its own map only.
     level_scale, map_levels = getattr(method.net, "level_scale", None), getattr(method.net, "map_levels", None)
     maps, boxes = {variant: [] for variant in VARIANTS[:2]}, []
     for teacher, students, batch_boxes in feature_batches(method, paths):
+        teacher, students = pooled(teacher, pool), [pooled(student, pool) for student in students]
         for variant in maps:
             distances = [[level_distance(variant, t, s, std) for t, s, std in zip(teacher, student, channel_std)]
                          for student in students]
@@ -90,10 +100,10 @@ def raw_maps(method, paths, channel_std) -> tuple[dict[str, torch.Tensor], torch
     return {variant: torch.cat(chunks) for variant, chunks in maps.items()}, torch.cat(boxes)
 
 
-def evaluate_variants(method, dataset: data.AnomalyDataset) -> dict[str, dict]:
+def evaluate_variants(method, dataset: data.AnomalyDataset, pool: int = 1) -> dict[str, dict]:
     channel_std = teacher_channel_std(method, dataset.train[:STATISTICS_IMAGES])
-    holdout, _ = raw_maps(method, dataset.holdout, channel_std)
-    test, boxes = raw_maps(method, [sample.path for sample in dataset.test], channel_std)
+    holdout, _ = raw_maps(method, dataset.holdout, channel_std, pool)
+    test, boxes = raw_maps(method, [sample.path for sample in dataset.test], channel_std, pool)
     standardised = {}
     for variant, maps in test.items():
         offset = position_mean(holdout[variant], POSITION_SIGMA)
@@ -107,8 +117,6 @@ def evaluate_variants(method, dataset: data.AnomalyDataset) -> dict[str, dict]:
     for variant in VARIANTS:
         maps = standardised[variant].numpy()
         results[variant] = metrics.evaluate(labels, maps.max(axis=(1, 2)), masks, maps, defects=defects)
-        if masks is not None:
-            results[variant]["per_defect_pixel"] = metrics.per_defect_pixel_auroc(defects, masks, maps)
     return results
 
 
@@ -116,16 +124,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--data", required=True)
+    parser.add_argument("--pool", type=int, default=1, help="average features over K×K neighbourhoods (K odd)")
     args = parser.parse_args(argv)
+    if args.pool < 1 or args.pool % 2 == 0:
+        parser.error(f"--pool must be an odd number >= 1, got {args.pool}")
     dataset = data.load_dataset(args.data)
     for path in args.models:
         method = kdcore.load(path, device="cpu")
-        for variant, result in evaluate_variants(method, dataset).items():
+        for variant, result in evaluate_variants(method, dataset, args.pool).items():
             line = f"{method.name:10s} {variant:16s} image {result['image_auroc']:.3f}"
             if result.get("pixel_auroc") is not None:
                 line += f"  pixel {result['pixel_auroc']:.3f}  AU-PRO {result['aupro']:.3f}"
-                line += "  pixel per defect " + " ".join(
-                    f"{name} {value:.3f}" for name, value in result["per_defect_pixel"].items())
+                for key in ("per_defect_pixel", "per_defect_localization"):
+                    line += f"  {key.replace('_', ' ')} " + " ".join(
+                        f"{name} {value:.3f}" for name, value in result[key].items())
             print(line, flush=True)
 
 

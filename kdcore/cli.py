@@ -139,8 +139,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(line)
     for defect, value in result.get("per_defect", {}).items():
         pixel = result.get("per_defect_pixel", {}).get(defect)
+        localization = result.get("per_defect_localization", {}).get(defect)
         print(f"  image AUROC, {defect} vs good: {value:.4f}"
-              + (f"   pixel AUROC: {pixel:.4f}" if pixel is not None else ""))
+              + (f"   pixel AUROC: {pixel:.4f}" if pixel is not None else "")
+              + (f"   in-image localisation: {localization:.4f}" if localization is not None else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

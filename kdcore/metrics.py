@@ -194,6 +194,24 @@ def per_defect_pixel_auroc(defects, masks, maps, normal: str = "good") -> dict[s
     return result
 
 
+def per_defect_localization_auroc(defects, masks, maps, normal: str = "good") -> dict[str, float]:
+    """Per defect type, the pixel AUROC of its images' defect pixels against the *same images'* other pixels.
+
+    ``per_defect_pixel_auroc`` rewards a map that rises anywhere in a defective image; this one only a map that
+    rises where the defect is (0.5: no localisation at all). Types without both kinds of pixel are left out.
+    """
+    defects = np.asarray(defects, dtype=object)
+    masks, maps = _masks_and_maps(masks, maps)
+    if defects.shape != (masks.shape[0],):
+        raise ValueError(f"defects name {defects.size} images but masks hold {masks.shape[0]}")
+    result = {}
+    for defect in sorted(set(defects[defects != normal])):
+        chosen = defects == defect
+        if masks[chosen].any() and not masks[chosen].all():
+            result[str(defect)] = pixel_auroc(masks[chosen], maps[chosen])
+    return result
+
+
 def aupr(labels, scores) -> float:
     """Area under the precision-recall curve of per-image scores (average precision,
     defective = positive class). Raises ValueError unless both classes are present."""
@@ -210,7 +228,8 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     ``n_images``, ``n_defective`` and, when ``defects`` names each image's type
     ("good" for normal ones), ``per_defect`` (type -> image AUROC against the good
     images) and, with masks, ``per_defect_pixel`` (type -> pixel AUROC, see
-    :func:`per_defect_pixel_auroc`). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
+    :func:`per_defect_pixel_auroc`) and ``per_defect_localization`` (type -> AUROC of its defect pixels against
+    its images' other pixels, see :func:`per_defect_localization_auroc`). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
     :func:`f1_max`). The pixel keys are None when ``masks`` is
     None (``maps`` is then ignored, so image-level-only sets can pass their maps
     anyway) or no mask has a defect pixel. Masks and maps hold one N×H×W slice per
@@ -220,7 +239,7 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     labels, scores = _labels_and_scores(labels, scores)
     if masks is not None and maps is None:
         raise ValueError("pixel metrics need maps along with the masks")
-    pixel_auroc_value = aupro_value = per_defect_pixel = None
+    pixel_auroc_value = aupro_value = per_defect_pixel = per_defect_localization = None
     if masks is not None:
         masks, maps = _masks_and_maps(masks, maps)
         if masks.shape[0] != labels.size:
@@ -232,6 +251,7 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
             aupro_value = aupro(masks, maps)
             if defects is not None:
                 per_defect_pixel = per_defect_pixel_auroc(defects, masks, maps)
+                per_defect_localization = per_defect_localization_auroc(defects, masks, maps)
     return {
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc_value,
@@ -243,6 +263,7 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
         "n_defective": int(np.count_nonzero(labels)),
         **({"per_defect": per_defect_auroc(defects, scores)} if defects is not None else {}),
         **({"per_defect_pixel": per_defect_pixel} if per_defect_pixel is not None else {}),
+        **({"per_defect_localization": per_defect_localization} if per_defect_localization is not None else {}),
     }
 
 

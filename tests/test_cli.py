@@ -26,12 +26,13 @@ def test_evaluate_writes_exactly_the_documented_keys(model, synthetic_root, tmp_
     assert main(["evaluate", str(model), "--data", str(synthetic_root), "--json", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_all_defective", "aupr", "n_images",
-                           "n_defective", "per_defect", "per_defect_pixel"}
+                           "n_defective", "per_defect", "per_defect_pixel", "per_defect_localization"}
     assert result["n_images"] == 24 and result["n_defective"] == 16
     assert result["f1_all_defective"] == pytest.approx(2 * 16 / (24 + 16))
     assert set(result["per_defect"]) == {"scratch", "spot"}
     assert all(0.0 <= value <= 1.0 for value in result["per_defect"].values())
     assert set(result["per_defect_pixel"]) == {"scratch", "spot"}
+    assert set(result["per_defect_localization"]) == {"scratch", "spot"}
     assert 0.0 <= result["aupro"] <= 1.0
     assert "pixel AUROC" in capsys.readouterr().out
 

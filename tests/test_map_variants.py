@@ -23,4 +23,7 @@ def test_cosine_variant_reproduces_the_methods_own_map(synthetic_root, tmp_path)
         assert cosine[key] == pytest.approx(own[key], abs=2e-3), key
     for result in variants.values():
         assert set(result["per_defect_pixel"]) == set(own["per_defect_pixel"])
+        assert set(result["per_defect_localization"]) == set(own["per_defect_localization"])
     assert variants["std-L2"]["pixel_auroc"] != pytest.approx(cosine["pixel_auroc"], abs=1e-6)
+    pooled = evaluate_variants(method, dataset, pool=3)["cosine"]
+    assert pooled["pixel_auroc"] != pytest.approx(cosine["pixel_auroc"], abs=1e-6)

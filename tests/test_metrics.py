@@ -6,7 +6,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from kdcore.metrics import (aupr, aupro, evaluate, f1_all_defective, f1_max, image_auroc, per_defect_auroc,
-                            per_defect_pixel_auroc, pixel_auroc)
+                            per_defect_localization_auroc, per_defect_pixel_auroc, pixel_auroc)
 
 # Six images with a tie between a defective and a normal one (0.4).
 LABELS = [0, 0, 1, 1, 0, 1]
@@ -356,3 +356,26 @@ def test_per_defect_pixel_auroc_pools_each_type_with_the_good_images_only():
     labels = defects != "good"
     assert evaluate(labels, maps.max((1, 2)), masks, maps, defects)["per_defect_pixel"] == result
     assert "per_defect_pixel" not in evaluate(labels, maps.max((1, 2)), defects=defects)
+
+
+def test_localization_auroc_needs_the_map_to_rise_where_the_defect_is():
+    """A map raised over the whole defective image separates it from good images, not its defect from the rest."""
+    rng = np.random.default_rng(4)
+    defects = np.array(["good", "good", "dent", "dent", "stain", "stain", "full"])
+    masks = np.zeros((7, 8, 8), bool)
+    masks[2:6, 2:5, 2:5] = True
+    masks[6] = True  # no pixel outside the defect to rank against
+    maps = rng.random(masks.shape)
+    maps[2:4] += 1.0  # dent: raised everywhere
+    maps[4:6][masks[4:6]] += 1.0  # stain: raised inside its masks only
+    result = per_defect_localization_auroc(defects, masks, maps)
+    assert list(result) == ["dent", "stain"]
+    assert result["stain"] == 1.0
+    assert abs(result["dent"] - 0.5) < 0.2
+    # Pooled with the good images' pixels, the raised-everywhere map still scores well.
+    assert per_defect_pixel_auroc(defects, masks, maps)["dent"] > result["dent"] + 0.15
+    for defect in result:
+        chosen = defects == defect
+        assert result[defect] == pytest.approx(roc_auc_score(masks[chosen].ravel(), maps[chosen].ravel()))
+    labels = defects != "good"
+    assert evaluate(labels, maps.max((1, 2)), masks, maps, defects)["per_defect_localization"] == result
