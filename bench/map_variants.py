@@ -11,7 +11,7 @@ For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
 Each is upsampled (align_corners=True), blurred with σ = 4 and has the hold-out's per-position mean removed, as
 the methods do; the one evaluator then gives image AUROC, pixel AUROC, AU-PRO and per defect type, and
-``localization`` the per-type AUROC of defect pixels against the same images' other pixels (0.5: the map rises
+``per_defect_localization`` the per-type AUROC of defect pixels against the same images' other pixels (0.5: the map rises
 as much outside the defect as inside). ``--pool K`` averages teacher and student features over K×K
 neighbourhoods (stride 1) before any distance, comparing local patches rather than single positions.
 """
@@ -77,6 +77,7 @@ def level_distance(variant: str, teacher: torch.Tensor, student: torch.Tensor, c
 
 
 def pooled(features: list[torch.Tensor], pool: int) -> list[torch.Tensor]:
+    """Each level averaged over ``pool``×``pool`` neighbourhoods, same size (borders average what they have)."""
     if pool == 1:
         return features
     return [F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False) for f in features]

@@ -229,8 +229,8 @@ def evaluate(labels, scores, masks=None, maps=None, defects=None) -> dict:
     ("good" for normal ones), ``per_defect`` (type -> image AUROC against the good
     images) and, with masks, ``per_defect_pixel`` (type -> pixel AUROC, see
     :func:`per_defect_pixel_auroc`) and ``per_defect_localization`` (type -> AUROC of its defect pixels against
-    its images' other pixels, see :func:`per_defect_localization_auroc`). ``f1_max`` and ``aupr`` are image-level (get the F1 threshold from
-    :func:`f1_max`). The pixel keys are None when ``masks`` is
+    its images' other pixels, see :func:`per_defect_localization_auroc`). ``f1_max`` and ``aupr`` are
+    image-level (get the F1 threshold from :func:`f1_max`). The pixel keys are None when ``masks`` is
     None (``maps`` is then ignored, so image-level-only sets can pass their maps
     anyway) or no mask has a defect pixel. Masks and maps hold one N×H×W slice per
     image, in the order of ``labels``. Raises ValueError unless both image classes

@@ -108,9 +108,9 @@ change on the second set. Milder gains (0.55-0.87 or 1.15-1.8, nearer the 1.04-1
 real ``uneven`` regions) gave 0.940 / 0.676 / 0.687 on magnetic_tile (epoch 35): no gain, so the range stays.
 The student now finds ``uneven`` images but not their regions: its map rises as much beside the marked region
 as on it (``per_defect_localization`` 0.502, the reference's 0.691). Not the bottleneck's doing alone: STPM's
-student, which has none, localises them no better (0.482). The same shading made URD's *teacher* (not its student) learn brightness
-defects in an earlier session and changed nothing there (``kdcore.methods.rd_expert``). ``0`` is URD's and
-DRAEM's generator (and how models saved before it existed load).
+student, which has none, localises them no better (0.482). The same shading made URD's *teacher* (not its
+student) learn brightness defects in an earlier session and changed nothing there (``kdcore.methods.rd_expert``).
+``0`` is URD's and DRAEM's generator (and how models saved before it existed load).
 """
 from __future__ import annotations
 
