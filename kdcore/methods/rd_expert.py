@@ -47,8 +47,8 @@ magnetic_tile 0.813 / 0.579 / 0.676 → 0.829 / 0.603 / 0.685 image / pixel AURO
 and stride-16 levels make the map (``map_strides``; 0.829 / 0.603 / 0.685 → 0.828 / 0.628 / 0.680 on the same
 network) and the map is normalised per position on the hold-out (all four in ``kdcore.methods.rd``).
 RD's ``magnitude`` loss was tried on the student (both targets, both inputs, in the expert's channel stds):
-magnetic_tile 0.828 / 0.628 / 0.680 → 0.824 / 0.626 / 0.683 (6 epochs, seed 0, on a CPU without AMX, 19
-minutes; ``uneven`` images 0.710 → 0.696), no change, so URD keeps its paper's losses.
+magnetic_tile 0.816 / 0.627 / 0.682 → 0.824 / 0.626 / 0.683 (6 epochs, seed 0, both on one CPU without AMX,
+19 minutes each; ``uneven`` images 0.696 after), no real change, so URD keeps its paper's losses.
 
 Model selection: off (``select_on_holdout = False``), the last epoch is kept. The teacher trains, and a teacher
 that drifts toward features the student finds trivially easy (collapse: near-constant or low-rank maps) lowers
