@@ -181,10 +181,7 @@ def per_defect_pixel_auroc(defects, masks, maps, normal: str = "good") -> dict[s
     A pooled pixel AUROC is decided by the types with the largest defect areas; this shows each type on its
     own. Types whose masks hold no defect pixel are left out.
     """
-    defects = np.asarray(defects, dtype=object)
-    masks, maps = _masks_and_maps(masks, maps)
-    if defects.shape != (masks.shape[0],):
-        raise ValueError(f"defects name {defects.size} images but masks hold {masks.shape[0]}")
+    defects, masks, maps = _defects_masks_and_maps(defects, masks, maps)
     is_normal = defects == normal
     result = {}
     for defect in sorted(set(defects[~is_normal])):
@@ -200,10 +197,7 @@ def per_defect_localization_auroc(defects, masks, maps, normal: str = "good") ->
     ``per_defect_pixel_auroc`` rewards a map that rises anywhere in a defective image; this one only a map that
     rises where the defect is (0.5: no localisation at all). Types without both kinds of pixel are left out.
     """
-    defects = np.asarray(defects, dtype=object)
-    masks, maps = _masks_and_maps(masks, maps)
-    if defects.shape != (masks.shape[0],):
-        raise ValueError(f"defects name {defects.size} images but masks hold {masks.shape[0]}")
+    defects, masks, maps = _defects_masks_and_maps(defects, masks, maps)
     result = {}
     for defect in sorted(set(defects[defects != normal])):
         chosen = defects == defect
@@ -333,6 +327,14 @@ def _labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity")
     return labels, scores
+
+
+def _defects_masks_and_maps(defects, masks, maps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    defects = np.asarray(defects, dtype=object)
+    masks, maps = _masks_and_maps(masks, maps)
+    if defects.shape != (masks.shape[0],):
+        raise ValueError(f"defects name {defects.size} images but masks hold {masks.shape[0]}")
+    return defects, masks, maps
 
 
 def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
