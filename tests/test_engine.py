@@ -434,3 +434,35 @@ def test_magnitude_loss_is_in_units_of_the_teachers_channel_std(dataset, tmp_pat
         kdcore.create_method("rd", magnitude=-1.0)
     with pytest.raises(ValueError, match="magnitude"):
         kdcore.create_method("dskd", magnitude=1.0)
+
+
+def test_rd_segmentation_head_outlines_defects_better_than_the_students_map(dataset, fitted, tmp_path):
+    """``segment_steps``: after the student, a head trained on synthetic defects (never on the test set's kinds)
+    gives the map; it outlines the set's scratches and spots more tightly than the same student's distances,
+    reports its own steps, and saves and loads with the model."""
+    reports = []
+    method = kdcore.create_method("rd", epochs=6, segment_steps=100, **TINY).fit(dataset, progress=reports.append)
+    head_steps = [r for r in reports if r.total_steps == 100]
+    assert [r.step for r in head_steps] == list(range(1, 101))
+    assert method.net.map_from_segmentation and method.map_offset is None  # a probability, not re-centred
+    with_head, student_only = evaluate_model(method, dataset), evaluate_model(fitted["rd"], dataset)
+    assert with_head["image_auroc"] >= 0.95
+    assert with_head["pixel_auroc"] > student_only["pixel_auroc"] and with_head["aupro"] > student_only["aupro"] + 0.03
+    maps = method.predict(method.preprocess_paths([s.path for s in dataset.test]))[0]
+    assert maps.min() >= 0 and maps.max() <= 1
+    loaded = kdcore.load(method.save(tmp_path / "segment.pt"))
+    x = loaded.preprocess_paths([s.path for s in dataset.test[:4]])
+    assert loaded.config.segment_steps == 100 and loaded.net.map_from_segmentation
+    np.testing.assert_array_equal(loaded.predict(x)[0], method.predict(x)[0])
+    with pytest.raises(ValueError, match="segment_steps"):
+        kdcore.create_method("rd", segment_steps=-1)
+
+
+def test_rd_stopped_before_its_segmentation_head_keeps_the_students_map(dataset, tmp_path):
+    reports = []
+    method = kdcore.create_method("rd", epochs=3, segment_steps=50, **TINY)
+    method.fit(dataset, progress=reports.append, should_stop=lambda: len(reports) >= 2)
+    assert method.net.segmentation is None and method.config.segment_steps == 0
+    assert method.map_offset is not None  # the student's map, position-normalised as usual
+    loaded = kdcore.load(method.save(tmp_path / "stopped.pt"))
+    assert loaded.net.segmentation is None and not loaded.net.map_from_segmentation

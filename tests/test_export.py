@@ -22,6 +22,8 @@ from kdcore.store import DONE, EXPORT, TRAIN, Store
 SMALL = {"size": 64, "epochs": 1, "batch_size": 8}
 # US distils its patch teacher first; its CPU preset's 3000 steps would add minutes to a shape check.
 SMALL_PER_METHOD = {"us": {"teacher_steps": 500}}
+# Options that change a method's network beyond its defaults: name -> (method, parameters).
+VARIANTS = {"rd_segment": ("rd", {"segment_steps": 5})}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +42,14 @@ def line_images(synthetic_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory):
-    """One tiny saved model per registered method (64 px, one epoch)."""
+    """One tiny saved model per registered method and per ``VARIANTS`` entry (64 px, one epoch)."""
     folder = tmp_path_factory.mktemp("export-models")
     paths = {}
     with one_torch_thread():
-        for name in list_trainable_methods():
-            params = {**SMALL, **SMALL_PER_METHOD.get(name, {})}
-            paths[name] = create_method(name, **params).fit(synthetic_root).save(folder / f"{name}.pt")
+        for name in [*list_trainable_methods(), *VARIANTS]:
+            method, options = VARIANTS.get(name, (name, {}))
+            params = {**SMALL, **SMALL_PER_METHOD.get(method, {}), **options}
+            paths[name] = create_method(method, **params).fit(synthetic_root).save(folder / f"{name}.pt")
     return paths
 
 
@@ -68,7 +71,7 @@ def _read_csv(path):
     return {row["path"]: (float(row["score"]), row["verdict"]) for row in csv.DictReader(open(path))}
 
 
-@pytest.mark.parametrize("name", list_trainable_methods())
+@pytest.mark.parametrize("name", [*list_trainable_methods(), *VARIANTS])
 def test_bundle_matches_kdcore_predict_without_torch(name, trained, line_images, tmp_path):
     bundle = tmp_path / "bundle"
     with one_torch_thread():
@@ -91,7 +94,7 @@ def test_bundle_matches_kdcore_predict_without_torch(name, trained, line_images,
     assert len(list((tmp_path / "heatmaps").glob("*_heatmap.png"))) == 6
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["method"] == name and manifest["verdict"] == "NG iff score > threshold.value"
+    assert manifest["method"] == VARIANTS.get(name, (name,))[0] and manifest["verdict"] == "NG iff score > threshold.value"
     assert manifest["preprocessing"]["size"] == 64 and manifest["preprocessing"]["resize"] == "letterbox"
     assert manifest["teacher"]["sha256"] and manifest["graph"]["batch"] is None
     assert {"kdcore", "torch", "onnxruntime", "opset"} <= set(manifest["versions"])

@@ -238,6 +238,12 @@ class AnomalyMethod:
         optimizer.step()
         return float(loss.detach())
 
+    def train_second_stage(self, train_images: torch.Tensor, progress: ProgressCallback | None,
+                           should_stop: StopCallback | None) -> None:
+        """Called after the selected epoch's state is restored, before ``finish_training``, with the uint8
+        training images: a part trained on top of the selected network (RD's segmentation head), reporting its
+        own steps to ``progress``. Default: none."""
+
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         """Called after the best state is restored, before calibration; e.g. to fit map normalisation."""
 
@@ -374,6 +380,8 @@ class AnomalyMethod:
             start = time.perf_counter()
             if self.trains:
                 step, epoch, best_epoch, stopped = self._train_epochs(train_u8, holdout, progress, should_stop)
+                if not stopped:
+                    self.train_second_stage(train_u8, progress, should_stop)
             else:
                 step, epoch, best_epoch, stopped = 0, 0, 0, False
             self.finish_training(holdout.images)
@@ -435,13 +443,19 @@ class AnomalyMethod:
         return TrainProgress(step, total_steps, epoch, self.config.epochs, loss, elapsed, eta, holdout_score)
 
     # ----------------------------------------------------------------- calibration
+    def map_normalization_rule(self) -> str:
+        """The hold-out normalisation the fitted map gets: ``map_normalization``, unless the method's map
+        needs another."""
+        return self.config.map_normalization
+
     def _fit_map_normalization(self, holdout: ModelInput) -> np.ndarray:
         """Fit ``map_offset``/``map_scale`` on the hold-out's maps; returns its image scores under them."""
         self.map_offset, self.map_scale = None, 1.0
         maps = torch.cat([self._maps(self._normalize(chunk), 32) for chunk in holdout.images.split(32)])
-        if self.config.map_normalization in ("position", "zscore"):
+        rule = self.map_normalization_rule()
+        if rule in ("position", "zscore"):
             self.map_offset = position_mean(maps, POSITION_SIGMA)
-            if self.config.map_normalization == "zscore":
+            if rule == "zscore":
                 std = position_mean((maps - self.map_offset).pow(2), POSITION_SIGMA).sqrt()
                 self.map_scale = std.clamp_min(max(POSITION_STD_FLOOR * float(std.median()), 1e-12))
             else:
