@@ -94,7 +94,8 @@ def test_bundle_matches_kdcore_predict_without_torch(name, trained, line_images,
     assert len(list((tmp_path / "heatmaps").glob("*_heatmap.png"))) == 6
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["method"] == VARIANTS.get(name, (name,))[0] and manifest["verdict"] == "NG iff score > threshold.value"
+    assert manifest["method"] == VARIANTS.get(name, (name,))[0]
+    assert manifest["verdict"] == "NG iff score > threshold.value"
     assert manifest["preprocessing"]["size"] == 64 and manifest["preprocessing"]["resize"] == "letterbox"
     assert manifest["teacher"]["sha256"] and manifest["graph"]["batch"] is None
     assert {"kdcore", "torch", "onnxruntime", "opset"} <= set(manifest["versions"])
