@@ -124,7 +124,7 @@ student epoch 35 kept): image / pixel AUROC / AU-PRO 0.945 / 0.687 / 0.690 → 0
 0.777, F1-max 0.911 both (all-NG 0.805); localisation (``per_defect_localization``) blowhole / break / crack /
 fray / uneven 0.990 / 0.961 / 0.830 / 0.923 / 0.502 → 0.997 / 0.924 / 0.939 / 0.961 / 0.650 (the reference's
 0.966 / 0.914 / 0.893 / 0.925 / 0.691); images of crack 0.866 → 0.726, uneven 0.949 → 0.924. The head's 800 steps
-took about 25 minutes on that CPU (part of them beside a test run), 72 minutes in all. So not the default: it
+took about 29 minutes on that CPU (part of them beside a test run), 72 minutes in all. So not the default: it
 buys pixel AUROC and AU-PRO with image AUROC and CPU time, and pixel AUROC stays below the reference's 0.810;
 it is the option for sharper heatmaps, not for more found defects. Not measured on a second set.
 Throwaway variants on the saved default RD (800 steps): DeSTSeg's input alone (the products, no teacher
