@@ -11,8 +11,8 @@ For each saved RD, DSKD, URD or STPM model, three maps from the same teacher and
 - ``cosine + std-L2``: the two added after each is standardised on the normal hold-out.
 Each is upsampled (align_corners=True), blurred with σ = 4 and has the hold-out's per-position mean removed, as
 the methods do; the one evaluator then gives image AUROC, pixel AUROC, AU-PRO and per defect type, and
-``per_defect_localization`` the per-type AUROC of defect pixels against the same images' other pixels (0.5: the map rises
-as much outside the defect as inside). ``--pool K`` averages teacher and student features over K×K
+``per_defect_localization`` the per-type AUROC of defect pixels against the same images' other pixels (0.5:
+the map rises as much outside the defect as inside). ``--pool K`` averages teacher and student features over K×K
 neighbourhoods (stride 1) before any distance, comparing local patches rather than single positions.
 """
 from __future__ import annotations

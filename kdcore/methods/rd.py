@@ -143,7 +143,7 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod, TrainProgress
+from kdcore.methods.base import AnomalyMethod
 from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.methods.segmentation import SegmentationHead, segmentation_loss, with_clean_share
 from kdcore.ops import (GaussianBlur, cosine_distance_map, flattened_cosine_loss, fuse_levels,
@@ -528,9 +528,7 @@ class ReverseDistillation(RDFamily):
             loss.backward()
             optimizer.step()
             if progress is not None:
-                elapsed = time.perf_counter() - start
-                progress(TrainProgress(step, steps, self.config.epochs, self.config.epochs, float(loss.detach()),
-                                       elapsed, elapsed / step * (steps - step)))
+                progress(self._progress(step, steps, self.config.epochs, float(loss.detach()), start))
             if should_stop is not None and should_stop() and step < steps:
                 self.config.segment_steps = step  # what the saved model's head had
                 break
