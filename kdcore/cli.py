@@ -19,7 +19,8 @@ from kdcore import calibration, cli_store, data, verdicts, visualize
 from kdcore import worker as kdcore_worker
 from kdcore.backbones import DEFAULT_BACKBONE, BackboneError
 from kdcore.evaluation import evaluate_model, predict_paths
-from kdcore.registry import create_method, get_method_class, list_methods, list_trainable_methods
+from kdcore.registry import (create_method, get_method_class, list_methods, list_trainable_methods,
+                             parse_param_value)
 
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AU-PRO@0.3",
                  "f1_max": "image F1-max", "aupr": "image AUPR"}
@@ -27,13 +28,6 @@ METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au
 
 class UsageError(Exception):
     """A problem with what the user asked for; reported as one line."""
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _method_params(args: argparse.Namespace) -> dict:
@@ -54,7 +48,7 @@ def parse_settings(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set expects KEY=VALUE, got '{item}'")
-        params[key.replace("-", "_")] = _parse_value(value)
+        params[key.replace("-", "_")] = parse_param_value(value)
     return params
 
 

@@ -1,6 +1,8 @@
 """Method registry: each method module registers its class under a short name, as timm does for models."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,6 +46,26 @@ def create_method(name: str, **params) -> "AnomalyMethod":
 def check_params(name: str, params: dict) -> None:
     """Validate ``params`` for method ``name`` without building it (what queueing a job checks first)."""
     get_method_class(name).make_config(params)
+
+
+# What every training is given (the CLI's own flags, the Train page's common fields); the rest are options.
+TRAINING_PARAMS = ("size", "epochs", "batch_size", "backbone", "weights", "device", "seed")
+
+
+def method_options(name: str) -> dict[str, object]:
+    """The parameters of method ``name`` beyond ``TRAINING_PARAMS``, with their defaults (None: decided by the
+    method, e.g. by a preset): what ``--set KEY=VALUE`` and the Train page's options change."""
+    return {f.name: f.default for f in dataclasses.fields(get_method_class(name).Config)
+            if f.name not in TRAINING_PARAMS}
+
+
+def parse_param_value(text: str):
+    """A parameter typed as text: JSON where it parses as JSON (``800``, ``true``, ``[8, 16]``), else the text
+    itself (``cosine``); the method's Config then checks its kind and range."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _import_builtin_methods() -> None:

@@ -1,12 +1,13 @@
 """Train: queue one training job per chosen method; the worker runs them one at a time and this page follows them."""
 import dataclasses
+import json
 from pathlib import Path
 
 import streamlit as st
 
 import ui
 from kdcore.backbones import DEFAULT_BACKBONE
-from kdcore.registry import get_method_class, list_trainable_methods
+from kdcore.registry import get_method_class, list_trainable_methods, method_options, parse_param_value
 from kdcore.store import GOOD, TRAIN
 
 SIZES = list(range(64, 513, 32))  # methods need multiples of 32
@@ -57,7 +58,8 @@ def last_settings(dataset) -> tuple[dict, dict[str, dict]]:
     for job in jobs:
         if {key: job.params.get(key) for key in SHARED_KEYS} != shared or job.method in per_method:
             break
-        per_method[job.method] = {key: job.params[key] for key in ("epochs", "batch_size") if key in job.params}
+        own_keys = ("epochs", "batch_size", *method_options(job.method))
+        per_method[job.method] = {key: job.params[key] for key in own_keys if key in job.params}
     return shared, dict(reversed(per_method.items()))  # in the order they were chosen
 
 
@@ -102,7 +104,35 @@ def per_method_settings(methods: list[str], last: dict[str, dict]) -> dict[str, 
                                        placeholder="auto")
         settings[name] = {key: int(value) for key, value in (("epochs", epochs), ("batch_size", batch))
                           if value is not None}
+        settings[name].update(option_settings(name, last.get(name, {})))
     return settings
+
+
+def as_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def option_settings(name: str, last: dict) -> dict:
+    """The method's options changed from their defaults (the same as ``--set KEY=VALUE``): a checkbox for a
+    switch, else text read as JSON (``800``, ``[8, 16]``) or as words (``cosine``); empty is the default."""
+    options = method_options(name)
+    changed = {key: last[key] for key in options if key in last}
+    with st.expander(f"{name} options" + (f" ({len(changed)} changed)" if changed else "")):
+        st.caption("Empty: the default, shown greyed. The method's docstring and the README say what each does.")
+        columns = st.columns(3)
+        overrides = {}
+        for i, (key, default) in enumerate(options.items()):
+            column, widget_key = columns[i % 3], f"option_{name}_{key}"
+            if isinstance(default, bool):
+                value = column.checkbox(key, value=changed.get(key, default), key=widget_key)
+                if value != default:
+                    overrides[key] = value
+                continue
+            text = column.text_input(key, value=as_text(changed[key]) if key in changed else "", key=widget_key,
+                                     placeholder="auto" if default is None else as_text(default)).strip()
+            if text:
+                overrides[key] = parse_param_value(text)
+    return overrides
 
 
 def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:

@@ -184,6 +184,32 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert (again.kind, again.method, again.params, again.status) == ("train", "rd", jobs["rd"].params, QUEUED)
 
 
+def test_train_page_sets_a_methods_options_and_refuses_bad_ones(store):
+    dataset_with_images(store)
+    at = open_page("pages/train.py")
+    by_label(at.multiselect, "Methods").set_value(["rd"]).run()
+    at.text_input(key="option_rd_segment_steps").input("-1")
+    by_label(at.button, "Train").click().run()
+    assert "segment_steps must be a whole number" in texts(at.error) and store.list_jobs() == []
+
+    at.text_input(key="option_rd_segment_steps").input("800")
+    at.text_input(key="option_rd_map_strides").input("[16]")
+    at.text_input(key="option_rd_lr_schedule").input("cosine")
+    at.checkbox(key="option_rd_denoise").uncheck()
+    by_label(at.button, "Train").click().run()
+    params = store.list_jobs()[0].params
+    assert (params["segment_steps"], params["map_strides"], params["lr_schedule"], params["denoise"]) == (
+        800, [16], "cosine", False)
+    assert "lr" not in params and "magnitude" not in params  # left empty: the method's default, also later
+
+    reloaded = open_page("pages/train.py")
+    assert reloaded.text_input(key="option_rd_segment_steps").value == "800"
+    assert reloaded.text_input(key="option_rd_map_strides").value == "[16]"
+    assert reloaded.text_input(key="option_rd_lr_schedule").value == "cosine"
+    assert reloaded.checkbox(key="option_rd_denoise").value is False
+    assert "4 changed" in reloaded.expander[-1].label
+
+
 def test_train_page_preselects_the_dataset_it_was_linked_from(store):
     dataset_with_images(store, name="first")
     second = dataset_with_images(store, name="second")
