@@ -117,7 +117,7 @@ def option_settings(name: str, last: dict) -> dict:
     switch, else text read as JSON (``800``, ``[8, 16]``) or as words (``cosine``); empty is the default."""
     options = method_options(name)
     changed = {key: last[key] for key in options if key in last}
-    with st.expander(f"{name} options" + (f" ({len(changed)} changed)" if changed else "")):
+    with st.expander(f"{name} options"):
         st.caption("Empty: the default, shown greyed. The method's docstring and the README say what each does.")
         columns = st.columns(3)
         overrides = {}
@@ -132,6 +132,8 @@ def option_settings(name: str, last: dict) -> dict:
                                      placeholder="auto" if default is None else as_text(default)).strip()
             if text:
                 overrides[key] = parse_param_value(text)
+    if overrides:  # visible with the expander closed, as after a reload
+        st.caption(f"{name}, changed from its defaults: " + ", ".join(f"{k}={as_text(v)}" for k, v in overrides.items()))
     return overrides
 
 

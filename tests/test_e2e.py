@@ -168,11 +168,17 @@ def test_create_upload_train_and_find_the_model(app, page, tmp_path):
     page.get_by_label("Epochs").fill("1")
     page.get_by_label("Epochs").press("Enter")
     wait_idle(page)
+    page.get_by_text("stpm options").click()  # any other parameter of the method, as --set gives it
+    page.get_by_label("lr", exact=True).fill("0.002")
+    page.get_by_label("lr", exact=True).press("Enter")
+    wait_idle(page)
+    page.get_by_text("stpm, changed from its defaults: lr=0.002").wait_for()
+    screenshot(page, "3-train-options")
     started = time.monotonic()
     page.get_by_role("button", name="Train", exact=True).click()
     page.get_by_text("Queued 1 job(s)").wait_for()
     (job,) = store.list_jobs()
-    assert (job.method, job.params["size"], job.params["epochs"]) == ("stpm", 64, 1)
+    assert (job.method, job.params["size"], job.params["epochs"], job.params["lr"]) == ("stpm", 64, 1, 0.002)
     # The polling page shows the job's progress while it runs, unless it ran faster than one poll: wait for
     # whichever comes first, so a fast training costs no timeout.
     progress, done = page.get_by_test_id("stProgress").first, page.get_by_text("model 1 saved").first
