@@ -133,7 +133,8 @@ def option_settings(name: str, last: dict) -> dict:
             if text:
                 overrides[key] = parse_param_value(text)
     if overrides:  # visible with the expander closed, as after a reload
-        st.caption(f"{name}, changed from its defaults: " + ", ".join(f"{k}={as_text(v)}" for k, v in overrides.items()))
+        listed = ", ".join(f"{key}={as_text(value)}" for key, value in overrides.items())
+        st.caption(f"{name}, changed from its defaults: {listed}")
     return overrides
 
 

@@ -66,7 +66,8 @@ def fake_model(store: Store, dataset, pid: int = 1):
 def test_home_says_what_the_tool_does_and_where_to_start(store):
     at = open_page()
     assert "Anomaly detection" in at.title[0].value
-    assert [link.label for link in at.get("page_link")] == ["Datasets", "Train", "Models", "Compare", "Thresholds", "Inspect"]
+    links = [link.label for link in at.get("page_link")]
+    assert links == ["Datasets", "Train", "Models", "Compare", "Thresholds", "Inspect"]
     assert metric(at, "Datasets") == "0" and metric(at, "Models") == "0"
 
 
