@@ -21,6 +21,7 @@ WEIGHTS = {
 
 # Settings one click shares between the jobs it queues (the rest, epochs and batch size, are per method).
 SHARED_KEYS = ("size", "backbone", "weights", "device", "seed")
+QUEUED_MESSAGE = "train_queued_message"  # session state: what the last click of Train queued
 
 store = ui.get_store()
 st.title("Train")
@@ -148,7 +149,9 @@ def queue_jobs(dataset, common: dict, per_method: dict[str, dict]) -> None:
         return
     jobs = [store.enqueue_job(TRAIN, name, values, dataset.id) for name, values in params.items()]
     ui.supervise()
-    st.success(f"Queued {len(jobs)} job(s): " + ", ".join(f"#{job.id} {job.method}" for job in jobs))
+    # Kept in the session: a job that ends within one poll reruns the whole page, which would wipe a plain message.
+    st.session_state[QUEUED_MESSAGE] = f"Queued {len(jobs)} job(s): " + ", ".join(f"#{job.id} {job.method}"
+                                                                                  for job in jobs)
 
 
 dataset = choose_dataset()
@@ -162,7 +165,10 @@ if dataset is not None:
     common = common_settings(last_shared)
     per_method = per_method_settings(methods, last_per_method)
     if st.button("Train", type="primary", disabled=not methods or common is None):
+        st.session_state.pop(QUEUED_MESSAGE, None)
         queue_jobs(dataset, common, per_method)
+    if QUEUED_MESSAGE in st.session_state:
+        st.success(st.session_state[QUEUED_MESSAGE])
 
 st.subheader("Jobs")
 ui.job_panel(TRAIN)

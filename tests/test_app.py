@@ -170,6 +170,8 @@ def test_train_page_queues_one_job_per_method_and_cancels(store):
     assert jobs["stpm"].dataset_id == dataset.id
     assert "Queued 2 job(s)" in texts(at.success)
     assert "Waiting: place 1 in the queue" in texts(at.caption)
+    at.run()  # a rerun, as the job panel makes when a job ends, keeps the confirmation
+    assert "Queued 2 job(s): #1 stpm, #2 rd" in texts(at.success)
 
     # A reload (a new session) opens the form as it was used on this dataset.
     reloaded = open_page("pages/train.py")
