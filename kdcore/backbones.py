@@ -141,6 +141,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.name = name
         self.strides = tuple(strides)
+        self.weights = weights  # as asked for: another extractor of the same teacher is built with it
         self.net = create_feature_net(name, self.strides)
         full_state, source = _full_model_state(name, weights)
         if full_state is not None:

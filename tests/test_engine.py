@@ -445,6 +445,10 @@ def test_rd_segmentation_head_outlines_defects_better_than_the_students_map(data
     head_steps = [r for r in reports if r.total_steps == 100]
     assert [r.step for r in head_steps] == list(range(1, 101))
     assert method.net.map_from_segmentation and method.map_offset is None  # a probability, not re-centred
+    # The head also reads the teacher's stride-32 level, from an extractor with the teacher's own weights.
+    context, teacher = method.net.segmentation_context, method.net.teacher
+    assert context.strides == (32,) and context.weights_info.source == teacher.weights_info.source
+    assert torch.equal(context.net.conv_stem.weight, teacher.net.conv_stem.weight)
     with_head, student_only = evaluate_model(method, dataset), evaluate_model(fitted["rd"], dataset)
     assert with_head["image_auroc"] >= 0.95
     assert with_head["pixel_auroc"] > student_only["pixel_auroc"] and with_head["aupro"] > student_only["aupro"] + 0.03
@@ -456,6 +460,21 @@ def test_rd_segmentation_head_outlines_defects_better_than_the_students_map(data
     np.testing.assert_array_equal(loaded.predict(x)[0], method.predict(x)[0])
     with pytest.raises(ValueError, match="segment_steps"):
         kdcore.create_method("rd", segment_steps=-1)
+    with pytest.raises(ValueError, match="segment_context_strides"):
+        kdcore.create_method("rd", segment_context_strides=[16])
+
+
+def test_rd_head_saved_before_context_levels_existed_still_loads(dataset, tmp_path):
+    method = kdcore.create_method("rd", epochs=1, segment_steps=5, segment_context_strides=[], **TINY).fit(dataset)
+    assert method.net.segmentation_context is None
+    path = method.save(tmp_path / "head.pt")
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["segment_context_strides"]  # as written before the option existed
+    torch.save(payload, path)
+    loaded = kdcore.load(path)
+    assert loaded.config.segment_context_strides == () and loaded.net.map_from_segmentation
+    x = loaded.preprocess_paths([s.path for s in dataset.test[:4]])
+    np.testing.assert_array_equal(loaded.predict(x)[0], method.predict(x)[0])
 
 
 def test_rd_stopped_before_its_segmentation_head_keeps_the_students_map(dataset, tmp_path):

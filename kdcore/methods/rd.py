@@ -345,10 +345,16 @@ def magnitude_loss(teacher_features, student_features, channel_scale: ChannelSca
 class RDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
                  linear_heads: bool = True, standardize_levels: bool = True,
-                 map_levels: tuple[int, ...] | None = None, magnitude: float = 0.0, segmentation: bool = False):
+                 map_levels: tuple[int, ...] | None = None, magnitude: float = 0.0, segmentation: bool = False,
+                 segmentation_context_strides: tuple[int, ...] = ()):
         super().__init__()
         self.teacher = teacher
-        self.segmentation = SegmentationHead(teacher.channels) if segmentation else None
+        # The teacher's coarser levels for the head alone: a second extractor of the same weights, since the
+        # teacher's own levels are what every student-side part is built on.
+        self.segmentation_context = Backbone(teacher.name, segmentation_context_strides, teacher.weights) \
+            if segmentation and segmentation_context_strides else None
+        self.segmentation = SegmentationHead(teacher.channels, self.segmentation_context.channels if
+                                             self.segmentation_context else ()) if segmentation else None
         # The map is the head's once the head is trained (``ReverseDistillation.train_second_stage``); a model
         # built to be loaded has a trained one.
         self.map_from_segmentation = segmentation
@@ -384,9 +390,15 @@ class RDNetwork(nn.Module):
     def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         return [rd_level_distances(*self.features(x))]
 
+    def segmentation_inputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        """What the segmentation head reads: teacher, student and context features of ``x``."""
+        context = self.segmentation_context(x) if self.segmentation_context is not None else []
+        return (*self.features(x), context)
+
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         if self.map_from_segmentation:
-            return self.blur(upsample(torch.sigmoid(self.segmentation(*self.features(x)).float()), self.size))
+            logits = self.segmentation(*self.segmentation_inputs(x))
+            return self.blur(upsample(torch.sigmoid(logits.float()), self.size))
         return students_anomaly_map(self.student_level_distances(x), self.size, self.blur, self.level_scale,
                                     self.map_levels)
 
@@ -453,7 +465,10 @@ class RDConfig(RDFamilyConfig):
     # Steps of a segmentation head trained on synthetic defects after the student, whose probability is then the
     # map (module notes); 0: none, the paper's map. The head's map skips the default "position" normalisation.
     segment_steps: int = 0
-    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "magnitude": 0.0, "relight_prob": 0.0}
+    # The teacher's coarser strides the segmentation head also reads (module notes); () for none.
+    segment_context_strides: tuple[int, ...] = (32,)
+    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "magnitude": 0.0, "relight_prob": 0.0,
+                                       "segment_context_strides": ()}
 
     def validate(self) -> None:
         super().validate()
@@ -461,6 +476,11 @@ class RDConfig(RDFamilyConfig):
             raise ValueError(f"magnitude must be zero or positive, got {self.magnitude!r}")
         if isinstance(self.segment_steps, bool) or not isinstance(self.segment_steps, int) or self.segment_steps < 0:
             raise ValueError(f"segment_steps must be a whole number >= 0, got {self.segment_steps!r}")
+        strides = self.segment_context_strides
+        self.segment_context_strides = (strides,) if isinstance(strides, int) else tuple(strides)
+        if not all(isinstance(s, int) and s > max(TEACHER_STRIDES) for s in self.segment_context_strides):
+            raise ValueError(f"segment_context_strides must be strides coarser than the teacher's "
+                             f"{TEACHER_STRIDES}, e.g. [32], or [] for none; got {strides!r}")
 
 
 class RDFamily(DenoisingMethod):
@@ -501,7 +521,8 @@ class ReverseDistillation(RDFamily):
     network_class = RDNetwork
 
     def network_options(self) -> dict:
-        return {"magnitude": self.config.magnitude, "segmentation": self.config.segment_steps > 0}
+        return {"magnitude": self.config.magnitude, "segmentation": self.config.segment_steps > 0,
+                "segmentation_context_strides": self.config.segment_context_strides}
 
     def setup_training(self, train_images: torch.Tensor) -> None:
         super().setup_training(train_images)
@@ -526,9 +547,9 @@ class ReverseDistillation(RDFamily):
             defective, masks = self.synthesize(clean)
             images, masks = with_clean_share(clean, defective, masks.to(clean.device), order)
             with torch.no_grad(), self._autocast(training=True):
-                features = self.net.features(images)
+                inputs = self.net.segmentation_inputs(images)
             with self._autocast(training=True):
-                loss = segmentation_loss(head(*features), masks)
+                loss = segmentation_loss(head(*inputs), masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -543,7 +564,7 @@ class ReverseDistillation(RDFamily):
         super().finish_training(holdout_images)
         if self.net.segmentation is not None and not self.net.map_from_segmentation:
             # Training stopped before the head's stage: keep the student's map, and a model that says so.
-            self.net.segmentation, self.config.segment_steps = None, 0
+            self.net.segmentation, self.net.segmentation_context, self.config.segment_steps = None, None, 0
 
     def map_normalization_rule(self) -> str:
         # A probability trained against clean images is already 0 where they are; measured on magnetic_tile,

@@ -9,8 +9,10 @@ Its map is the head's probability of "defect" per position.
 Input, per teacher level: the element-wise product of the L2-normalised teacher and student features (DeSTSeg's
 input: its channel sum is the cosine similarity, so the head can weigh the channels the plain cosine weighs
 equally) and, a departure, the normalised teacher features themselves, which let the head see what the surface
-is as well as how well the student matched it. All levels are resampled to the finest level's grid and
-concatenated. Head: two 3×3 convolutions with BatchNorm and ReLU and a 1×1 output (DeSTSeg uses a deeper,
+is as well as how well the student matched it. Optionally (RD's ``segment_context_strides``, a departure too)
+the teacher's coarser levels that no student distils, normalised the same way: what a wider neighbourhood looks
+like, which a gradual change of brightness or grinding needs. All levels are resampled to the finest level's
+grid and concatenated. Head: two 3×3 convolutions with BatchNorm and ReLU and a 1×1 output (DeSTSeg uses a deeper,
 ASPP-style head on a ResNet-18 pair; Lite0's levels are small). Loss: focal (γ = 2) plus L1 on the probability,
 as DeSTSeg, against the synthetic masks averaged onto the grid; half of every batch is left clean (target 0).
 The map is the probability upsampled to the input size and blurred like the students' maps; score = its max.
@@ -28,29 +30,36 @@ CLEAN_SHARE = 0.5  # of each batch left without a synthetic defect
 HIDDEN_CHANNELS = 128
 
 
-def head_input(teacher_features: list[torch.Tensor], student_features: list[torch.Tensor]) -> torch.Tensor:
-    """Per level ``[t̂·ŝ, t̂]`` (hats: unit length over channels) on the first level's grid, concatenated."""
+def head_input(teacher_features: list[torch.Tensor], student_features: list[torch.Tensor],
+               context_features: list[torch.Tensor] = ()) -> torch.Tensor:
+    """Per level ``[t̂·ŝ, t̂]`` (hats: unit length over channels), then each context level ``ĉ``, all on the
+    first level's grid, concatenated."""
     grid = teacher_features[0].shape[-2:]
-    parts = []
-    for teacher, student in zip(teacher_features, student_features):
-        teacher, student = F.normalize(teacher.float(), dim=1), F.normalize(student.float(), dim=1)
-        level = torch.cat([teacher * student, teacher], dim=1)
-        parts.append(level if level.shape[-2:] == grid else
-                     F.interpolate(level, size=grid, mode="bilinear", align_corners=False))
-    return torch.cat(parts, dim=1)
+    parts = [torch.cat([teacher * student, teacher], dim=1) for teacher, student in
+             zip(map(unit_channels, teacher_features), map(unit_channels, student_features))]
+    parts += map(unit_channels, context_features)
+    return torch.cat([part if part.shape[-2:] == grid else
+                      F.interpolate(part, size=grid, mode="bilinear", align_corners=False) for part in parts], dim=1)
+
+
+def unit_channels(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=1)
 
 
 class SegmentationHead(nn.Module):
-    def __init__(self, channels: tuple[int, ...], hidden: int = HIDDEN_CHANNELS):
+    def __init__(self, channels: tuple[int, ...], context_channels: tuple[int, ...] = (),
+                 hidden: int = HIDDEN_CHANNELS):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(2 * sum(channels), hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(2 * sum(channels) + sum(context_channels), hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
             nn.Conv2d(hidden, 1, 1))
 
-    def forward(self, teacher_features: list[torch.Tensor], student_features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, teacher_features: list[torch.Tensor], student_features: list[torch.Tensor],
+                context_features: list[torch.Tensor] = ()) -> torch.Tensor:
         """Logits N×1×h×w on the finest level's grid."""
-        return self.layers(head_input(teacher_features, student_features))
+        return self.layers(head_input(teacher_features, student_features, context_features))
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
