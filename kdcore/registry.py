@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,6 +59,41 @@ def method_options(name: str) -> dict[str, object]:
     method, e.g. by a preset): what ``--set KEY=VALUE`` and the Train page's options change."""
     return {f.name: f.default for f in dataclasses.fields(get_method_class(name).Config)
             if f.name not in TRAINING_PARAMS}
+
+
+def option_help(name: str) -> dict[str, str]:
+    """What each of ``method_options(name)`` does, in the words of the comment on its field in the method's
+    Config (or a base's; the subclass's wins), for tooltips and ``--help``-like listings. Options without a
+    comment are left out."""
+    options = method_options(name)
+    found: dict[str, str] = {}
+    for config_class in reversed(get_method_class(name).Config.__mro__):
+        if dataclasses.is_dataclass(config_class):
+            found.update({key: text for key, text in _field_comments(config_class).items() if key in options})
+    return found
+
+
+_CLASS_BODY_LINE = re.compile(r"^    (?:# ?(?P<comment>.*)|(?P<field>\w+)\s*:[^#]*(?:#\s*(?P<inline>.*))?)$")
+
+
+def _field_comments(config_class: type) -> dict[str, str]:
+    """Field name -> the ``#`` comment lines right above it in the class body (or its inline comment)."""
+    try:
+        lines = inspect.getsource(config_class).splitlines()
+    except (OSError, TypeError):  # no source shipped, e.g. a frozen application
+        return {}
+    comments, pending = {}, []
+    for line in lines:
+        match = _CLASS_BODY_LINE.match(line.rstrip())
+        if match and match["comment"] is not None:
+            pending.append(match["comment"].strip())
+            continue
+        if match and match["field"]:
+            text = " ".join(pending + ([match["inline"].strip()] if match["inline"] else []))
+            if text:
+                comments[match["field"]] = text
+        pending = []
+    return comments
 
 
 def parse_param_value(text: str):

@@ -7,7 +7,8 @@ import streamlit as st
 
 import ui
 from kdcore.backbones import DEFAULT_BACKBONE
-from kdcore.registry import get_method_class, list_trainable_methods, method_options, parse_param_value
+from kdcore.registry import (get_method_class, list_trainable_methods, method_options, option_help,
+                             parse_param_value)
 from kdcore.store import GOOD, TRAIN
 
 SIZES = list(range(64, 513, 32))  # methods need multiples of 32
@@ -116,21 +117,23 @@ def as_text(value) -> str:
 def option_settings(name: str, last: dict) -> dict:
     """The method's options changed from their defaults (the same as ``--set KEY=VALUE``): a checkbox for a
     switch, else text read as JSON (``800``, ``[8, 16]``) or as words (``cosine``); empty is the default."""
-    options = method_options(name)
+    options, helps = method_options(name), option_help(name)
     changed = {key: last[key] for key in options if key in last}
     with st.expander(f"{name} options"):
-        st.caption("Empty: the default, shown greyed. The method's docstring and the README say what each does.")
+        st.caption("Empty: the default, shown greyed. Each option's ⓘ says what it does; the method's docstring "
+                   "and the README say more.")
         columns = st.columns(3)
         overrides = {}
         for i, (key, default) in enumerate(options.items()):
             column, widget_key = columns[i % 3], f"option_{name}_{key}"
             if isinstance(default, bool):
-                value = column.checkbox(key, value=changed.get(key, default), key=widget_key)
+                value = column.checkbox(key, value=changed.get(key, default), key=widget_key, help=helps.get(key))
                 if value != default:
                     overrides[key] = value
                 continue
             text = column.text_input(key, value=as_text(changed[key]) if key in changed else "", key=widget_key,
-                                     placeholder="auto" if default is None else as_text(default)).strip()
+                                     placeholder="auto" if default is None else as_text(default),
+                                     help=helps.get(key)).strip()
             if text:
                 overrides[key] = parse_param_value(text)
     if overrides:  # visible with the expander closed, as after a reload

@@ -191,6 +191,7 @@ def test_train_page_sets_a_methods_options_and_refuses_bad_ones(store):
     dataset_with_images(store)
     at = open_page("pages/train.py")
     by_label(at.multiselect, "Methods").set_value(["rd"]).run()
+    assert "segmentation head" in at.text_input(key="option_rd_segment_steps").help  # what it does, in the ⓘ
     at.text_input(key="option_rd_segment_steps").input("-1")
     by_label(at.button, "Train").click().run()
     assert "segment_steps must be a whole number" in texts(at.error) and store.list_jobs() == []

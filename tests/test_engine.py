@@ -8,7 +8,7 @@ import timm
 from scipy.ndimage import gaussian_filter
 
 import kdcore
-from kdcore import data
+from kdcore import data, registry
 from kdcore.backbones import Backbone, BackboneError, lite0_package_state_dict
 from kdcore.evaluation import evaluate_model
 from kdcore.ops import GaussianBlur, upsample
@@ -485,3 +485,13 @@ def test_rd_stopped_before_its_segmentation_head_keeps_the_students_map(dataset,
     assert method.map_offset is not None  # the student's map, position-normalised as usual
     loaded = kdcore.load(method.save(tmp_path / "stopped.pt"))
     assert loaded.net.segmentation is None and not loaded.net.map_from_segmentation
+
+
+def test_every_method_option_says_what_it_does():
+    """The Train page's tooltips come from the comments on the Config fields: an option added without one fails
+    here, and a method's own comment wins over its base's."""
+    for name in registry.list_trainable_methods():
+        helps = registry.option_help(name)
+        assert set(helps) == set(registry.method_options(name)) and all(helps.values()), name
+    assert registry.option_help("us")["map_normalization"] == "the z-scores above already are per position"
+    assert registry.option_help("rd")["map_normalization"].startswith('"position": after training')

@@ -28,7 +28,7 @@ from kdcore.synthetic_anomalies import synthesize_normalised
 
 @dataclass
 class DenoisingConfig(MethodConfig):
-    denoise: bool = False
+    denoise: bool = False  # the student also learns from synthetic-defect copies of each batch
     image_texture_prob: float = 0.5  # share of synthetic defects textured from another image, else procedural
     relight_prob: float = 0.0  # share of synthetic defects that relight their region instead of texturing it
 

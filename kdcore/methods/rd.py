@@ -431,10 +431,10 @@ class RDFamilyConfig(DenoisingConfig):
     """What RD, DSKD and URD share: a reverse decoder behind an OCBE, trained with Adam."""
 
     batch_size: int = 16
-    lr: float = 0.005
-    betas: tuple[float, float] = (0.5, 0.999)
-    bottleneck_blocks: int = 2
-    decoder_blocks: int = 2
+    lr: float = 0.005  # Adam's learning rate
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's
+    bottleneck_blocks: int = 2  # residual blocks in the one-class bottleneck
+    decoder_blocks: int = 2  # residual blocks per decoder stage
     # A linear 1×1 output per decoder level (module notes); models saved before it existed have none.
     linear_heads: bool = True
     # Levels divided by their hold-out std before they are summed (module notes); the paper sums them as they are.

@@ -179,7 +179,7 @@ class RDExpertConfig(RDFamilyConfig):
     """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``. URD always trains its
     student on synthetic defects, so ``denoise`` stays true."""
 
-    teacher_lr: float = 1e-4
+    teacher_lr: float = 1e-4  # Adam's learning rate for the teacher, which URD trains too
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True}
 
     def validate(self) -> None:

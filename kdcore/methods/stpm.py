@@ -75,10 +75,10 @@ class STPMConfig(DenoisingConfig):
     """``optimizer="sgd"`` with lr 0.4, momentum 0.9, weight decay 1e-4 is the paper's ResNet-18 recipe."""
 
     batch_size: int = 16
-    optimizer: str = "adam"
-    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (the paper's, with lr 0.4)
+    lr: float = 1e-3  # learning rate
     momentum: float = 0.9  # SGD only
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-5  # L2 penalty on the student's weights
     legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "optimizer": "sgd"}
 
     def validate(self) -> None:

@@ -80,10 +80,10 @@ class TeacherKNNNetwork(nn.Module):
 class TeacherKNNConfig(MethodConfig):
     """``epochs`` and ``batch_size`` are not used: there is nothing to train."""
 
-    strides: tuple[int, ...] = (8, 16)
-    bank_size: int = 20000
-    bank_images: int = 200
-    sigma: float = 4.0
+    strides: tuple[int, ...] = (8, 16)  # the teacher's levels, 3×3-averaged and upsampled to the finest
+    bank_size: int = 20000  # patch vectors kept in the memory, drawn at random
+    bank_images: int = 200  # training images the memory's vectors are drawn from
+    sigma: float = 4.0  # Gaussian blur of the map, in pixels of the input
     map_normalization: str = "zscore"
 
     def validate(self) -> None:

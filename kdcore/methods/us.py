@@ -394,26 +394,26 @@ PRESETS: dict[str, dict] = {
 class USConfig(MethodConfig):
     """Parameters left at None take the ``preset``'s value (see the module docstring)."""
 
-    preset: str = "fast"
+    preset: str = "fast"  # "fast" (the CPU default) or "paper": the values the options left empty take
     epochs: int | None = None  # student epochs
     batch_size: int | None = None
-    patch_sizes: tuple[int, ...] | None = None
-    n_students: int | None = None
-    descriptor_dim: int = 128
-    width: float | None = None
+    patch_sizes: tuple[int, ...] | None = None  # receptive fields of the scales, e.g. [17, 33, 65] (the paper's)
+    n_students: int | None = None  # students per scale, whose disagreement is the variance term
+    descriptor_dim: int = 128  # length of the teacher's and students' descriptors
+    width: float | None = None  # channel multiplier of the patch networks (1.0: the paper's)
     dense_size: int | None = None  # descriptor resolution; preset: size ("paper"), max(96, size // 2) ("fast")
     crop_size: int | None = None  # student training crops at the descriptor resolution; preset: dense_size
-    lr: float | None = None
-    weight_decay: float = 1e-5
+    lr: float | None = None  # the students' Adam learning rate
+    weight_decay: float = 1e-5  # the students'
     teacher_steps: int | None = None  # per receptive field
-    teacher_batch_size: int = 64
-    teacher_lr: float = 2e-4
-    teacher_weight_decay: float = 1e-5
+    teacher_batch_size: int = 64  # patches per step of the patch teacher's distillation
+    teacher_lr: float = 2e-4  # the patch teacher's Adam learning rate
+    teacher_weight_decay: float = 1e-5  # the patch teacher's
     distill_size: int | None = None  # side the patches are resized to for the backbone; None: p rounded to 32
-    kd_weight: float = 1.0
-    compact_weight: float = 1.0
-    metric_weight: float = 1.0
-    triplet_margin: float = 1.0
+    kd_weight: float = 1.0  # the patch teacher's loss: matching the backbone's features
+    compact_weight: float = 1.0  # the patch teacher's loss: decorrelated descriptor channels
+    metric_weight: float = 1.0  # the patch teacher's loss: the triplet term
+    triplet_margin: float = 1.0  # margin of that triplet term
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
     map_normalization: str = "none"  # the z-scores above already are per position
 
