@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -76,6 +77,7 @@ def option_help(name: str) -> dict[str, str]:
 _CLASS_BODY_LINE = re.compile(r"^    (?:# ?(?P<comment>.*)|(?P<field>\w+)\s*:[^#]*(?:#\s*(?P<inline>.*))?)$")
 
 
+@functools.cache  # read from the source once per class, not on every rerun of the Train page
 def _field_comments(config_class: type) -> dict[str, str]:
     """Field name -> the ``#`` comment lines right above it in the class body (or its inline comment)."""
     try:

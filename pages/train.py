@@ -120,7 +120,7 @@ def option_settings(name: str, last: dict) -> dict:
     options, helps = method_options(name), option_help(name)
     changed = {key: last[key] for key in options if key in last}
     with st.expander(f"{name} options"):
-        st.caption("Empty: the default, shown greyed. Each option's ⓘ says what it does; the method's docstring "
+        st.caption("Empty: the default, shown greyed. Each option's question mark says what it does; the method's docstring "
                    "and the README say more.")
         columns = st.columns(3)
         overrides = {}
