@@ -22,6 +22,15 @@ def normalized_sq_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return diff.pow(2).sum(dim=1, keepdim=True)
 
 
+def hardest_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the largest ``fraction`` of ``values`` (at least one); all of them at 1.0. As a loss it spends the
+    steps where the student is still wrong instead of where it already matches (EfficientAD's hard loss)."""
+    if fraction >= 1.0:
+        return values.mean()
+    flat = values.flatten()
+    return flat.topk(max(1, round(fraction * flat.numel())), sorted=False).values.mean()
+
+
 def standardized_sq_distance_map(a: torch.Tensor, b: torch.Tensor, channel_std: torch.Tensor) -> torch.Tensor:
     """Per-pixel mean over channels of ``((a - b) / channel_std)^2`` (EfficientAD's distance), N×1×H×W float32:
     it sees differences of magnitude that a cosine ignores."""

@@ -11,7 +11,7 @@ import kdcore
 from kdcore import data, registry
 from kdcore.backbones import Backbone, BackboneError, lite0_package_state_dict
 from kdcore.evaluation import evaluate_model
-from kdcore.ops import GaussianBlur, upsample
+from kdcore.ops import GaussianBlur, hardest_mean, upsample
 from synthetic import within_relight_reach
 
 TINY = {"size": 64, "batch_size": 8}
@@ -234,6 +234,36 @@ def test_load_rejects_other_files(tmp_path):
         kdcore.load(bogus)
     with pytest.raises(FileNotFoundError):
         kdcore.load(tmp_path / "missing.pt")
+
+
+def test_hardest_mean_averages_only_the_largest_share():
+    values = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
+    assert float(hardest_mean(values, 0.1)) == pytest.approx(94.5)  # 90..99
+    assert float(hardest_mean(values, 1.0)) == pytest.approx(49.5)
+    assert float(hardest_mean(values, 1e-6)) == 99.0  # never empty
+
+
+@pytest.mark.parametrize("name", ["stpm", "dskd"])
+def test_hard_loss_averages_the_worst_matched_positions(dataset, tmp_path, name):
+    """``hard_fraction``: the loss is the mean over the worst-matched positions, so above the plain mean; models
+    saved before it existed were trained on the plain mean and say so."""
+    with pytest.raises(ValueError, match="hard_fraction must be in"):
+        kdcore.create_method(name, hard_fraction=0)
+    method = kdcore.create_method(name, epochs=1, denoise=False, **TINY)
+    method._build("default")
+    train = method._to_uint8_tensor(data.read_model_inputs(dataset.train[:4], 64, method.config.resize)[0])
+    x = method._normalize(train)
+    assert method.net.hard_fraction == 0.1
+    hard = float(method.net.loss(x))
+    method.net.hard_fraction = 1.0
+    assert hard > float(method.net.loss(x))
+
+    method.fit(dataset)
+    method.save(tmp_path / "old.pt")
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    del payload["config"]["hard_fraction"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert kdcore.load(tmp_path / "old.pt").config.hard_fraction == 1.0
 
 
 def test_gaussian_blur_matches_scipy():

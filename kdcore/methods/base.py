@@ -108,6 +108,19 @@ class MethodConfig:
             raise ValueError("weights must be 'default', 'imagenet', 'none' or a path to a weights file")
 
 
+@dataclass
+class HardLossConfig(MethodConfig):
+    """For methods whose loss is a mean of per-position discrepancies (``kdcore.ops.hardest_mean``)."""
+
+    # Share of each level's positions, hardest first, that the loss averages; 1 is the plain mean (the papers').
+    hard_fraction: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in (0, 1], got {self.hard_fraction!r}")
+
+
 @dataclass(frozen=True)
 class TrainProgress:
     """What ``fit`` reports after every optimisation step (and once more after each hold-out check)."""

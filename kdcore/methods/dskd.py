@@ -57,14 +57,16 @@ about 0.01), no change at 8 epochs, where the hold-out score still falls by 0.03
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
+from kdcore.methods.base import HardLossConfig
 from kdcore.methods.rd import (OCBE, LevelScale, RDFamily, RDFamilyConfig, ReverseDecoder, conv_bn_relu,
                                rd_level_distances, students_anomaly_map)
-from kdcore.ops import GaussianBlur, cosine_distance_map
+from kdcore.ops import GaussianBlur, cosine_distance_map, hardest_mean
 from kdcore.registry import register_method
 
 
@@ -83,17 +85,20 @@ class DFEmbedding(nn.Module):
         return self.ocbe([*shallow, self.merge(torch.cat([deepest, student_deepest], dim=1))])
 
 
-def pyramid_matching_loss(teacher_features, student_features) -> torch.Tensor:
-    """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors."""
-    return sum(cosine_distance_map(t, s).mean() for t, s in zip(teacher_features, student_features))
+def pyramid_matching_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
+    """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors, the mean over the hardest
+    ``hard_fraction`` of each level's positions."""
+    return sum(hardest_mean(cosine_distance_map(t, s), hard_fraction)
+               for t, s in zip(teacher_features, student_features))
 
 
 class DSKDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
                  linear_heads: bool = True, standardize_levels: bool = True,
-                 map_levels: tuple[int, ...] | None = None):
+                 map_levels: tuple[int, ...] | None = None, hard_fraction: float = 1.0):
         super().__init__()
         self.teacher = teacher
+        self.hard_fraction = hard_fraction
         self.map_levels = map_levels
         self.forward_student = create_feature_net(teacher.name, teacher.strides)
         self.embedding = DFEmbedding(teacher.channels, bottleneck_blocks)
@@ -123,7 +128,7 @@ class DSKDNetwork(nn.Module):
         students = [forward_features, reverse_features]
         if defective is not None:
             students += self.features(defective)[1:]
-        return sum(pyramid_matching_loss(teacher_features, student) for student in students)
+        return sum(pyramid_matching_loss(teacher_features, student, self.hard_fraction) for student in students)
 
     def student_level_distances(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         """Se's and Sd's per-level distances to the teacher."""
@@ -137,11 +142,12 @@ class DSKDNetwork(nn.Module):
 
 
 @dataclass
-class DSKDConfig(RDFamilyConfig):
+class DSKDConfig(HardLossConfig, RDFamilyConfig):
     """RD's parameters but ``magnitude`` (the embedding holds an OCBE, Sd is RD's decoder); one lr for both
     students."""
 
     lr: float = 0.002
+    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "hard_fraction": 1.0}
 
 
 @register_method
@@ -152,3 +158,6 @@ class DSKD(RDFamily):
     # 8 CPU epochs: each step trains both students on a synthetic-defect copy too (``denoise``), twice the cost.
     default_epochs = {"cpu": 8, "cuda": 100}
     network_class = DSKDNetwork
+
+    def network_options(self) -> dict:
+        return {"hard_fraction": self.config.hard_fraction}

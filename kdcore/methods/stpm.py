@@ -16,6 +16,15 @@ Departures, with what was measured (magnetic_tile, 256², seed 0, 2-core CPU):
   EfficientNet-Lite0, whose depthwise convolutions and SE-free blocks train poorly with it: 20 SGD epochs gave
   image AUROC 0.629 and pixel AUROC 0.604, where Adam reached 0.637 and 0.651 after 3 epochs (letterboxed
   inputs, raw maps; not a like-for-like ablation, the budget did not allow one).
+- Loss: the mean over the worst-matched 10 % of each level's positions in the batch (``hard_fraction=0.1``;
+  1.0 is the paper's mean over all), EfficientAD's hard feature loss (Batzner et al., WACV 2024; it keeps the
+  worst 0.1 % of channel elements over a far longer training). Most positions of a normal surface are matched
+  early; the rest of a short budget then goes where the student is still wrong, which is where normal images
+  raise the map. Measured (magnetic_tile, 256², seed 0, 12 epochs, ``bench.accuracy --methods stpm``): image /
+  pixel AUROC / AU-PRO 0.685 / 0.587 / 0.637 → 0.788 / 0.633 / 0.696; per defect type, images: blowhole 0.693 →
+  0.828, break 0.787 → 0.915, crack 0.597 → 0.661, fray 0.777 → 0.869, uneven 0.613 → 0.682; pixels: crack 0.620
+  → 0.899, fray 0.780 → 0.964, uneven 0.512 → 0.524 (the reference ``teacher_knn`` 0.871 / 0.810 / 0.705).
+  Models saved before it load as trained (1.0).
 - Map: per-position hold-out normalisation (``map_normalization``, see ``kdcore.methods.base``).
 - Epochs: 12 on a CPU (about a quarter of an hour on 2 cores), 100 on a GPU (the official default).
 
@@ -34,14 +43,16 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
+from kdcore.methods.base import HardLossConfig
 from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
-from kdcore.ops import fuse_levels, normalized_sq_distance_map
+from kdcore.ops import fuse_levels, hardest_mean, normalized_sq_distance_map
 from kdcore.registry import register_method
 
 
 class STPMNetwork(nn.Module):
-    def __init__(self, teacher: Backbone, size: int):
+    def __init__(self, teacher: Backbone, size: int, hard_fraction: float = 1.0):
         super().__init__()
+        self.hard_fraction = hard_fraction
         self.teacher = teacher
         self.student = create_feature_net(teacher.name, teacher.strides)
         self.size = size
@@ -60,7 +71,7 @@ class STPMNetwork(nn.Module):
             with torch.no_grad():
                 teacher_features = self.teacher(x)
         students = [self.student(x)] + ([self.student(defective)] if defective is not None else [])
-        return sum(normalized_sq_distance_map(t, s).mean()
+        return sum(hardest_mean(normalized_sq_distance_map(t, s), self.hard_fraction)
                    for student in students for t, s in zip(teacher_features, student))
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +82,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
-class STPMConfig(DenoisingConfig):
+class STPMConfig(HardLossConfig, DenoisingConfig):
     """``optimizer="sgd"`` with lr 0.4, momentum 0.9, weight decay 1e-4 is the paper's ResNet-18 recipe."""
 
     batch_size: int = 16
@@ -79,7 +90,7 @@ class STPMConfig(DenoisingConfig):
     lr: float = 1e-3  # learning rate
     momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-5  # L2 penalty on the student's weights
-    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "optimizer": "sgd"}
+    legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "optimizer": "sgd", "hard_fraction": 1.0}
 
     def validate(self) -> None:
         super().validate()
@@ -97,7 +108,7 @@ class STPM(DenoisingMethod):
     default_epochs = {"cpu": 12, "cuda": 100}  # 100: the official code's default
 
     def build_network(self, backbone: Backbone) -> nn.Module:
-        return STPMNetwork(backbone, self.config.size)
+        return STPMNetwork(backbone, self.config.size, self.config.hard_fraction)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         c = self.config
