@@ -155,10 +155,10 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod
+from kdcore.methods.base import AnomalyMethod, HardLossConfig
 from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.methods.segmentation import SegmentationHead, segmentation_loss, with_clean_share
-from kdcore.ops import (GaussianBlur, cosine_distance_map, flattened_cosine_loss, fuse_levels,
+from kdcore.ops import (GaussianBlur, cosine_distance_map, flattened_cosine_loss, fuse_levels, hardest_mean,
                         standardized_sq_distance_map, upsample)
 from kdcore.registry import register_method
 
@@ -339,8 +339,14 @@ def checked_map_strides(map_strides) -> tuple[int, ...]:
     return tuple(sorted(set(strides)))
 
 
-def rd_loss(teacher_features, student_features) -> torch.Tensor:
-    return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
+def rd_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
+    """RD's code loss, ``1 - cos`` of each sample's flattened level, summed over levels; with ``hard_fraction``
+    below 1 the per-position ``1 - cos`` averaged over the worst-matched share of each level's positions
+    (``kdcore.ops.hardest_mean``)."""
+    if hard_fraction >= 1.0:
+        return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
+    return sum(hardest_mean(cosine_distance_map(t, s), hard_fraction)
+               for t, s in zip(teacher_features, student_features))
 
 
 def magnitude_loss(teacher_features, student_features, channel_scale: ChannelScale) -> torch.Tensor:
@@ -353,9 +359,10 @@ class RDNetwork(nn.Module):
     def __init__(self, teacher: Backbone, size: int, bottleneck_blocks: int, decoder_blocks: int,
                  linear_heads: bool = True, standardize_levels: bool = True,
                  map_levels: tuple[int, ...] | None = None, magnitude: float = 0.0, segmentation: bool = False,
-                 segmentation_context_strides: tuple[int, ...] = ()):
+                 segmentation_context_strides: tuple[int, ...] = (), hard_fraction: float = 1.0):
         super().__init__()
         self.teacher = teacher
+        self.hard_fraction = hard_fraction
         # The teacher's coarser levels for the head alone: a second extractor of the same weights, since the
         # teacher's own levels are what every student-side part is built on.
         self.segmentation_context = Backbone(teacher.name, segmentation_context_strides, teacher.weights) \
@@ -388,7 +395,7 @@ class RDNetwork(nn.Module):
         from the defective copy, of the teacher's features of ``x``. ``teacher_features``: as in ``features``."""
         teacher_features, student_features = self.features(x, teacher_features)
         students = [student_features] + ([self.features(defective)[1]] if defective is not None else [])
-        loss = sum(rd_loss(teacher_features, student) for student in students)
+        loss = sum(rd_loss(teacher_features, student, self.hard_fraction) for student in students)
         if self.channel_scale is not None:
             loss = loss + self.magnitude * sum(magnitude_loss(teacher_features, student, self.channel_scale)
                                                for student in students)
@@ -464,7 +471,7 @@ class RDFamilyConfig(DenoisingConfig):
 
 
 @dataclass
-class RDConfig(RDFamilyConfig):
+class RDConfig(HardLossConfig, RDFamilyConfig):
     # Weight of the channel-standardised squared distance in the loss (module notes); 0 is the paper's loss.
     magnitude: float = 1.0
     # Share of the denoising student's synthetic defects that relight their region (module notes).
@@ -474,8 +481,11 @@ class RDConfig(RDFamilyConfig):
     segment_steps: int = 0
     # The teacher's coarser strides the segmentation head also reads (module notes); () for none.
     segment_context_strides: tuple[int, ...] = (32,)
+    # Below 1: the loss is the per-position cosine over the worst-matched share of each level's positions
+    # (module notes); 1 is the paper code's cosine of whole flattened levels.
+    hard_fraction: float = 1.0
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "magnitude": 0.0, "relight_prob": 0.0,
-                                       "segment_context_strides": ()}
+                                       "segment_context_strides": (), "hard_fraction": 1.0}
 
     def validate(self) -> None:
         super().validate()
@@ -529,7 +539,8 @@ class ReverseDistillation(RDFamily):
 
     def network_options(self) -> dict:
         return {"magnitude": self.config.magnitude, "segmentation": self.config.segment_steps > 0,
-                "segmentation_context_strides": self.config.segment_context_strides}
+                "segmentation_context_strides": self.config.segment_context_strides,
+                "hard_fraction": self.config.hard_fraction}
 
     def setup_training(self, train_images: torch.Tensor) -> None:
         super().setup_training(train_images)

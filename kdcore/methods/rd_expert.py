@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.backbones import Backbone
+from kdcore.methods.base import HardLossConfig
 from kdcore.methods.denoising import DenoisingMethod
 from kdcore.methods.rd import (OCBE, LevelScale, RDFamilyConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
                                lr_schedulers, map_level_indices, rd_level_distances, rd_loss,
@@ -167,20 +168,21 @@ def teacher_loss(teacher_normal, teacher_synthetic, expert_normal, expert_synthe
     return normal + separation + rd_loss(expert_synthetic, teacher_synthetic)
 
 
-def student_loss(student_normal, student_synthetic, teacher_normal, expert_normal) -> torch.Tensor:
+def student_loss(student_normal, student_synthetic, teacher_normal, expert_normal,
+                 hard_fraction: float = 1.0) -> torch.Tensor:
     """Reconstruct the normal teacher and expert features from both the normal and the defective input."""
-    return sum(rd_loss(target, student)
+    return sum(rd_loss(target, student, hard_fraction)
                for target in (teacher_normal, expert_normal) for student in (student_normal, student_synthetic))
 
 
 # ---------------------------------------------------------------------------------------------------- method
 @dataclass
-class RDExpertConfig(RDFamilyConfig):
+class RDExpertConfig(HardLossConfig, RDFamilyConfig):
     """``lr`` (and ``betas``) are the student's; the teacher has its own ``teacher_lr``. URD always trains its
     student on synthetic defects, so ``denoise`` stays true."""
 
     teacher_lr: float = 1e-4  # Adam's learning rate for the teacher, which URD trains too
-    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True}
+    legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True, "hard_fraction": 1.0}
 
     def validate(self) -> None:
         super().validate()
@@ -242,6 +244,7 @@ class RDExpert(DenoisingMethod):
         _update(teacher_optimizer, loss_t)
         teacher_normal = [f.detach() for f in teacher_normal]
         teacher_synthetic = [f.detach() for f in teacher_synthetic]
-        loss_s = student_loss(net.student(teacher_normal), net.student(teacher_synthetic), teacher_normal, expert_normal)
+        loss_s = student_loss(net.student(teacher_normal), net.student(teacher_synthetic), teacher_normal, expert_normal,
+                              self.config.hard_fraction)
         _update(student_optimizer, loss_s)
         return float(loss_t.detach() + loss_s.detach())

@@ -91,15 +91,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod, MethodConfig
-from kdcore.ops import position_mean, upsample
+from kdcore.methods.base import AnomalyMethod, HardLossConfig
+from kdcore.ops import hardest_mean, position_mean, upsample
 from kdcore.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,9 @@ class ScaleEnsemble(nn.Module):
 
 class USNetwork(nn.Module):
     def __init__(self, backbone: Backbone, size: int, dense_size: int, patch_sizes: tuple[int, ...],
-                 n_students: int, descriptor_dim: int, width: float, crop_size: int):
+                 n_students: int, descriptor_dim: int, width: float, crop_size: int, hard_fraction: float = 1.0):
         super().__init__()
+        self.hard_fraction = hard_fraction
         self.backbone = backbone
         self.scales = nn.ModuleList(ScaleEnsemble(p, descriptor_dim, width, n_students, sum(backbone.channels),
                                                   dense_size) for p in patch_sizes)
@@ -252,7 +253,7 @@ class USNetwork(nn.Module):
             padded, side = scale.teacher.pad(x), crop + scale.teacher.receptive_field - 1
             windows = torch.stack([padded[i, :, top:top + side, left:left + side]
                                    for i, (top, left) in enumerate(zip(ys, xs))])
-            total = total + student_loss(scale.student_outputs(windows), scale.targets(windows))
+            total = total + student_loss(scale.student_outputs(windows), scale.targets(windows), self.hard_fraction)
         return total
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,9 +298,10 @@ def teacher_loss(scale: ScaleEnsemble, anchors: torch.Tensor, positives: torch.T
     return loss
 
 
-def student_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-pixel squared error to the standardised teacher, averaged over pixels, summed over students."""
-    return (predictions - targets).pow(2).sum(dim=2).mean(dim=(1, 2, 3)).sum()
+def student_loss(predictions: torch.Tensor, targets: torch.Tensor, hard_fraction: float = 1.0) -> torch.Tensor:
+    """Per-pixel squared error to the standardised teacher, averaged over the worst ``hard_fraction`` of the
+    pixels (all at 1.0, the paper's), summed over students."""
+    return sum(hardest_mean(errors, hard_fraction) for errors in (predictions - targets).pow(2).sum(dim=2))
 
 
 def ensemble_scores(predictions: Iterable[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,7 +393,7 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class USConfig(MethodConfig):
+class USConfig(HardLossConfig):
     """Parameters left at None take the ``preset``'s value (see the module docstring)."""
 
     preset: str = "fast"  # "fast" (the CPU default) or "paper": the values the options left empty take
@@ -416,6 +418,7 @@ class USConfig(MethodConfig):
     triplet_margin: float = 1.0  # margin of that triplet term
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
     map_normalization: str = "none"  # the z-scores above already are per position
+    legacy_defaults: ClassVar[dict] = {**HardLossConfig.legacy_defaults, "hard_fraction": 1.0}
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -486,7 +489,7 @@ class UninformedStudents(AnomalyMethod):
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
         return USNetwork(backbone, c.size, c.dense_size, c.patch_sizes, c.n_students, c.descriptor_dim,
-                         c.width, c.crop_size)
+                         c.width, c.crop_size, c.hard_fraction)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         students = [p for scale in self.net.scales for p in scale.students.parameters()]
