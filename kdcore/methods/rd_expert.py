@@ -189,6 +189,9 @@ class RDExpertConfig(HardLossConfig, RDFamilyConfig):
     student on synthetic defects, so ``denoise`` stays true."""
 
     teacher_lr: float = 1e-4  # Adam's learning rate for the teacher, which URD trains too
+    # The student's loss averages the worst-matched share of each level's positions (module notes); 1 is the
+    # official code's cosine of whole flattened levels.
+    hard_fraction: float = 0.1
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True, "hard_fraction": 1.0}
 
     def validate(self) -> None:
