@@ -85,6 +85,10 @@ and four times the student epochs (today's preset, 13.5 minutes on a quiet 2-cor
 CPU budget) give 0.634 / 0.641 / 0.522 (per defect image AUROC blowhole 0.662, break 0.747, crack 0.567, fray
 0.661, uneven 0.537); the hold-out score was still falling at epoch 12 (160 against 173 at epoch 10). Still
 well below the reference: a budget fix, not the missing ImageNet distillation.
+
+Option, off until measured here: ``hard_fraction`` below 1 averages each student's squared error over the
+worst-matched share of the positions (EfficientAD's hard feature loss), which lifted STPM, DSKD and URD on
+magnetic_tile (their module notes); try ``--set hard_fraction=0.1``.
 """
 from __future__ import annotations
 
@@ -418,6 +422,9 @@ class USConfig(HardLossConfig):
     triplet_margin: float = 1.0  # margin of that triplet term
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
     map_normalization: str = "none"  # the z-scores above already are per position
+    # The students' loss averages the worst-matched share of each scale's positions; 1, the paper's plain mean,
+    # stays the default until the hard loss is measured on US (it lifted STPM, DSKD and URD).
+    hard_fraction: float = 1.0
     legacy_defaults: ClassVar[dict] = {**HardLossConfig.legacy_defaults, "hard_fraction": 1.0}
 
     def __post_init__(self) -> None:
