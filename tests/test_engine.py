@@ -24,8 +24,10 @@ def dataset(synthetic_root):
 
 @pytest.fixture(scope="module")
 def fitted(dataset):
-    """STPM and RD trained briefly on the synthetic set; shared by the tests that only read them."""
-    return {name: kdcore.create_method(name, epochs=6, **TINY).fit(dataset) for name in ("stpm", "rd")}
+    """STPM and RD trained briefly on the synthetic set; shared by the tests that only read them. STPM gets its
+    CPU default of 12 epochs: its hard loss needs the steps (at 6, 24 steps, it trails the plain mean)."""
+    return {name: kdcore.create_method(name, epochs=12 if name == "stpm" else 6, **TINY).fit(dataset)
+            for name in ("stpm", "rd")}
 
 
 # ---------------------------------------------------------------- teachers
@@ -110,8 +112,8 @@ def test_predict_before_fit_is_an_error():
 @pytest.mark.parametrize("name", ["stpm", "rd"])
 def test_method_learns_to_separate_defects(fitted, dataset, name):
     result = evaluate_model(fitted[name], dataset)
-    # STPM's six-epoch student keeps an early epoch whose quality depends on the CPU's kernels: image and pixel
-    # AUROC above 0.9 on a CPU with AMX, 0.89 and 0.77 on one with AVX-512 only; chance is 0.5.
+    # STPM's student keeps an epoch whose quality depends on the CPU's kernels (at 6 epochs with the plain mean:
+    # image and pixel AUROC above 0.9 on a CPU with AMX, 0.89 and 0.77 on one with AVX-512 only); chance is 0.5.
     image, pixel = (0.85, 0.7) if name == "stpm" else (0.9, 0.9)
     assert result["image_auroc"] >= image, result
     assert result["pixel_auroc"] >= pixel, result
@@ -368,7 +370,7 @@ def test_denoising_student_learns_and_trains_on_defective_copies(dataset, name, 
         return defective, masks
 
     monkeypatch.setattr(denoising, "synthesize_normalised", recording)
-    method = kdcore.create_method(name, epochs=4, denoise=True, **TINY).fit(dataset)
+    method = kdcore.create_method(name, epochs=12 if name == "stpm" else 4, denoise=True, **TINY).fit(dataset)
     assert len(seen) == method.training_info["steps"]  # one defective copy per step
     for x, defective, masks in seen:
         untouched = ~within_relight_reach(masks).expand_as(x)  # relit regions' edges are feathered
