@@ -71,8 +71,8 @@ from torch import nn
 from kdcore.backbones import Backbone, create_feature_net
 from kdcore.methods.base import HardLossConfig
 from kdcore.methods.rd import (OCBE, LevelScale, RDFamily, RDFamilyConfig, ReverseDecoder, conv_bn_relu,
-                               rd_level_distances, students_anomaly_map)
-from kdcore.ops import GaussianBlur, cosine_distance_map, hardest_mean
+                               pyramid_matching_loss, rd_level_distances, students_anomaly_map)
+from kdcore.ops import GaussianBlur
 from kdcore.registry import register_method
 
 
@@ -89,13 +89,6 @@ class DFEmbedding(nn.Module):
     def forward(self, teacher_features: list[torch.Tensor], student_deepest: torch.Tensor) -> torch.Tensor:
         *shallow, deepest = teacher_features
         return self.ocbe([*shallow, self.merge(torch.cat([deepest, student_deepest], dim=1))])
-
-
-def pyramid_matching_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
-    """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors, the mean over the hardest
-    ``hard_fraction`` of each level's positions."""
-    return sum(hardest_mean(cosine_distance_map(t, s), hard_fraction)
-               for t, s in zip(teacher_features, student_features))
 
 
 class DSKDNetwork(nn.Module):

@@ -339,14 +339,19 @@ def checked_map_strides(map_strides) -> tuple[int, ...]:
     return tuple(sorted(set(strides)))
 
 
-def rd_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
-    """RD's code loss, ``1 - cos`` of each sample's flattened level, summed over levels; with ``hard_fraction``
-    below 1 the per-position ``1 - cos`` averaged over the worst-matched share of each level's positions
-    (``kdcore.ops.hardest_mean``)."""
-    if hard_fraction >= 1.0:
-        return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
+def pyramid_matching_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
+    """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors, the mean over the hardest
+    ``hard_fraction`` of each level's positions (``kdcore.ops.hardest_mean``)."""
     return sum(hardest_mean(cosine_distance_map(t, s), hard_fraction)
                for t, s in zip(teacher_features, student_features))
+
+
+def rd_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
+    """RD's code loss, ``1 - cos`` of each sample's flattened level, summed over levels; with ``hard_fraction``
+    below 1 the per-position ``pyramid_matching_loss`` over the worst-matched share of the positions."""
+    if hard_fraction >= 1.0:
+        return sum(flattened_cosine_loss(t, s) for t, s in zip(teacher_features, student_features))
+    return pyramid_matching_loss(teacher_features, student_features, hard_fraction)
 
 
 def magnitude_loss(teacher_features, student_features, channel_scale: ChannelScale) -> torch.Tensor:

@@ -254,7 +254,7 @@ class RDExpert(DenoisingMethod):
         _update(teacher_optimizer, loss_t)
         teacher_normal = [f.detach() for f in teacher_normal]
         teacher_synthetic = [f.detach() for f in teacher_synthetic]
-        loss_s = student_loss(net.student(teacher_normal), net.student(teacher_synthetic), teacher_normal, expert_normal,
-                              self.config.hard_fraction)
+        loss_s = student_loss(net.student(teacher_normal), net.student(teacher_synthetic), teacher_normal,
+                              expert_normal, self.config.hard_fraction)
         _update(student_optimizer, loss_s)
         return float(loss_t.detach() + loss_s.detach())
