@@ -201,7 +201,7 @@ def _loaded_method(model_id: int, created_at: float, path: str):
 
 
 def load_method(model: Model):
-    """The model, loaded once per app process and shared by all sessions (``kdcore.review`` locks inference).
+    """The model, loaded once per app process and shared by all sessions (``kdcore.scoring`` locks inference).
 
     A model file that cannot be loaded (damaged, removed) stops the page with one line saying which and why.
     """
@@ -362,7 +362,7 @@ def region_editor(image, picture) -> None:
 
 
 def progress_bar(text: str):
-    """An ``on_progress(done, total)`` for ``kdcore.review`` that shows a bar only while a model runs."""
+    """An ``on_progress(done, total)`` for ``kdcore.scoring`` that shows a bar only while a model runs."""
     bar = None
 
     def on_progress(done: int, total: int) -> None:

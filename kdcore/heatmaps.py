@@ -1,7 +1,7 @@
 """What the review pages draw: a model's cached anomaly map over its image, at the model's size or the image's own.
 
 Colours sit on the model's normalised scale around the threshold (``kdcore.calibration``), the region above the
-threshold is outlined in white and the ground truth in magenta. Maps come from ``kdcore.review``'s cache, so
+threshold is outlined in white and the ground truth in magenta. Maps come from ``kdcore.scoring``'s cache, so
 drawing never runs a model.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from kdcore import calibration, data, imaging, visualize
-from kdcore.review import ImageRef, load_map
+from kdcore.image_refs import ImageRef
+from kdcore.scoring import load_map
 from kdcore.store import Model, Store
 
 GT_COLOR = (255, 0, 255)  # ground-truth outline: magenta is not in the heatmap's colour scale

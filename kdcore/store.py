@@ -137,7 +137,7 @@ CREATE TABLE IF NOT EXISTS job_points (
     holdout_score REAL,
     elapsed_seconds REAL NOT NULL
 );
--- The review pages (kdcore.review): each model scores an image (identified by content) once.
+-- The review pages (kdcore.scoring, kdcore.review): each model scores an image (identified by content) once.
 CREATE TABLE IF NOT EXISTS scores (
     model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
     sha256 TEXT NOT NULL,
@@ -946,7 +946,7 @@ class Store:
         self.bundle_file(model).unlink(missing_ok=True)
         shutil.rmtree(self.root / "maps" / str(model_id), ignore_errors=True)
 
-    # ------------------------------------------------------------------------------- review (kdcore.review)
+    # ---------------------------------------------------------------------- review (kdcore.scoring, kdcore.review)
     def map_file(self, model_id: int, sha256: str) -> Path:
         return self.root / "maps" / str(model_id) / f"{sha256}.npy"
 

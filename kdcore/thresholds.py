@@ -3,15 +3,22 @@
 Verdict convention everywhere: an image is NG iff ``score > threshold``. Rates come with their counts and, where
 they are estimated from few images, a 95 % Wilson interval; a threshold that calls every image NG or OK, or
 misses the target it was chosen for, is named in a warning rather than left to be discovered on the line.
+
+A model's threshold slider works on a normalised scale: the saved threshold at 0.5, one hold-out score range
+per unit (``to_normalized``, ``from_normalized``, ``threshold_range``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdcore import calibration
+
+if TYPE_CHECKING:
+    from kdcore.store import Model
 
 SCORE, PERCENTILE, MAX_FPR, F1 = "score", "percentile", "max_fpr", "f1"
 MODES = {  # as recorded with a saved threshold; "percentile" is also what training sets by default
@@ -147,3 +154,36 @@ def threshold_warnings(mode: str, parameter: float | None, holdout: OperatingPoi
                             f"so a {target:.1%} false-positive target cannot be checked here: add normal images "
                             "(10 % are held out) and train again.")
     return warnings
+
+
+# ------------------------------------------------------------------------------------------- a model's slider
+def saved_threshold(model: Model) -> float:
+    return float(model.threshold["value"])
+
+
+def _span(cal: dict) -> float:
+    """Width of the hold-out score range: the unit of the normalised scale (never 0, so it can be inverted)."""
+    return (cal["max"] - cal["min"]) or max(abs(cal["max"]), 1.0) * 1e-3
+
+
+def to_normalized(threshold: float, model: Model) -> float:
+    """Where ``threshold`` sits on the model's normalised scale (its saved threshold at 0.5), unclipped."""
+    return (threshold - saved_threshold(model)) / _span(model.calibration) + 0.5
+
+
+def from_normalized(position: float, model: Model) -> float:
+    return saved_threshold(model) + (position - 0.5) * _span(model.calibration)
+
+
+def threshold_range(model: Model) -> tuple[float, float, float]:
+    """Bounds and step of a threshold slider: the hold-out range and the saved threshold, one span wider each side.
+
+    A step is 0.01 on the normalised scale, and the bounds are whole steps from the saved threshold: a slider
+    snaps its value to its steps, and must open exactly on the saved threshold.
+    """
+    cal, saved = model.calibration, saved_threshold(model)
+    span = _span(cal)
+    step = span / 100
+    below = math.ceil((saved - min(cal["min"], saved) + span) / step)
+    above = math.ceil((max(cal["max"], saved) + span - saved) / step)
+    return saved - below * step, saved + above * step, step

@@ -3,7 +3,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from kdcore import data, heatmaps, review, verdicts
+from kdcore import data, heatmaps, image_refs, scoring, thresholds, verdicts
 from kdcore.store import StoreError
 
 MAX_MODELS = 5
@@ -56,7 +56,7 @@ def dataset_image():
         st.info("No dataset has test images yet: upload an image, or add labelled test images on the Datasets page.")
         return None, None
     dataset = pick_dataset(datasets)
-    return browse(review.dataset_images(store, dataset.id), f"compare_image_{dataset.id}", "image"), dataset.id
+    return browse(image_refs.dataset_images(store, dataset.id), f"compare_image_{dataset.id}", "image"), dataset.id
 
 
 def synthetic_image(models):
@@ -70,7 +70,7 @@ def synthetic_image(models):
     newest = next(m for m in models if m.dataset_id == dataset.id)
     size, resize = newest.params.get("size", 256), newest.params.get("resize", "letterbox")
     with st.spinner("Making the synthetic defects (once per dataset)…"):
-        images = review.synthetic_images(store, dataset.id, size, resize)
+        images = image_refs.synthetic_images(store, dataset.id, size, resize)
     if not images:
         st.info(f"'{dataset.name}' has no hold-out normals to make synthetic defects from.")
         return None, None
@@ -84,7 +84,7 @@ def uploaded_image():
     file = st.file_uploader("An image", type=ui.IMAGE_TYPES, key="compare_upload")
     if file is None:
         return None, None
-    images, problems = review.upload_images(store, [(file.name, file.getvalue())])
+    images, problems = image_refs.upload_images(store, [(file.name, file.getvalue())])
     for name, why in problems:
         st.error(f"{name}: {why}")
     return (images[0] if images else None), None
@@ -109,26 +109,26 @@ def follow(moved, models) -> None:
     """With sync on, move every other threshold to the moved one's position on its own normalised scale."""
     if not st.session_state.get("compare_sync"):
         return
-    position = review.to_normalized(st.session_state[slider_key(moved)], moved)
+    position = thresholds.to_normalized(st.session_state[slider_key(moved)], moved)
     for model in models:
-        low, high, _ = review.threshold_range(model)
-        st.session_state[slider_key(model)] = min(max(review.from_normalized(position, model), low), high)
+        low, high, _ = thresholds.threshold_range(model)
+        st.session_state[slider_key(model)] = min(max(thresholds.from_normalized(position, model), low), high)
 
 
 def reset(models) -> None:
     for model in models:
-        st.session_state[slider_key(model)] = review.saved_threshold(model)
+        st.session_state[slider_key(model)] = thresholds.saved_threshold(model)
 
 
 def threshold_slider(model, models) -> float:
-    low, high, step = review.threshold_range(model)
+    low, high, step = thresholds.threshold_range(model)
     key = slider_key(model)
     # Clamped: a saved threshold may have moved the range since this session last set the slider.
-    st.session_state[key] = min(max(st.session_state.get(key, review.saved_threshold(model)), low), high)
+    st.session_state[key] = min(max(st.session_state.get(key, thresholds.saved_threshold(model)), low), high)
     threshold = st.slider("Threshold", low, high, key=key, step=step, format="%.4g",
                           on_change=follow, args=(model, models))
-    st.caption(f"normalised {review.to_normalized(threshold, model):.2f} · saved "
-               f"{review.saved_threshold(model):.4g}")
+    st.caption(f"normalised {thresholds.to_normalized(threshold, model):.2f} · saved "
+               f"{thresholds.saved_threshold(model):.4g}")
     return threshold
 
 
@@ -139,7 +139,7 @@ def model_column(model, models, image, picture, mask, score) -> tuple:
         st.caption(evidence)
     image_slot, verdict_slot = st.empty(), st.empty()
     threshold = threshold_slider(model, models)  # drawn below the picture, but needed to draw it
-    anomaly_map = heatmaps.resize_map(review.load_map(store, model, image), picture.shape[0])
+    anomaly_map = heatmaps.resize_map(scoring.load_map(store, model, image), picture.shape[0])
     overlay = heatmaps.render(picture, anomaly_map, threshold, model, mask)
     image_slot.image(overlay, width="stretch")
     verdict_slot.markdown(f"Score **{score:.4g}** &nbsp; {ui.verdict_badge(verdicts.verdict(score, threshold))}")
@@ -218,6 +218,6 @@ if not chosen:
     st.stop()
 if len(chosen) == 1:
     st.caption("Add a second model to compare.")
-scores = {model.id: review.score_images(store, model, [image], ui.load_method,
+scores = {model.id: scoring.score_images(store, model, [image], ui.load_method,
                                         ui.progress_bar(ui.model_label(model)))[0] for model in chosen}
 viewer(image, chosen, scores)

@@ -4,7 +4,7 @@ import math
 import streamlit as st
 
 import ui
-from kdcore import heatmaps, ingest, review, verdicts
+from kdcore import heatmaps, image_refs, ingest, review, verdicts
 from kdcore.data import DataError
 from kdcore.store import StoreError
 
@@ -45,8 +45,8 @@ def inputs(model) -> None:
         st.caption("Folders under " + ", ".join(f"`{root}`" for root in roots) + " (KDCORE_IMPORT_ROOTS)")
         if st.form_submit_button("Inspect folder", type="primary") and folder:
             try:
-                images, problems = review.folder_images(folder, roots, recursive)
-                note = None if images else review.describe_empty_folder(folder, roots, recursive, len(problems))
+                images, problems = image_refs.folder_images(folder, roots, recursive)
+                note = None if images else image_refs.describe_empty_folder(folder, roots, recursive, len(problems))
             except ingest.RejectedUpload as exc:  # missing, not a folder, or outside the import roots
                 images, problems, note = [], [], str(exc)
             run(model, images, problems, folder, note)
@@ -54,7 +54,7 @@ def inputs(model) -> None:
         files = st.file_uploader("Images", type=ui.IMAGE_TYPES, accept_multiple_files=True,
                                  key=f"inspect_upload_{st.session_state.get('inspect_uploads', 0)}")
         if st.button("Inspect uploaded images", type="primary", disabled=not files):
-            run(model, *review.upload_images(store, [(f.name, f.getvalue()) for f in files]), "upload")
+            run(model, *image_refs.upload_images(store, [(f.name, f.getvalue()) for f in files]), "upload")
 
 
 def show_problems() -> None:

@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
-from kdcore import heatmaps, review, thresholds
+from kdcore import heatmaps, scoring, thresholds
 
 GALLERY_COLUMNS = 6
 GALLERY_MAX = 24  # per kind: the worst ones; more would only slow the page
@@ -165,8 +165,8 @@ def gallery(model, labelled, threshold) -> None:
 
 
 def save(model, mode, parameter, threshold) -> None:
-    if st.button("Save threshold", type="primary", disabled=threshold == review.saved_threshold(model)):
-        saved = review.save_threshold(store, model, ui.load_method(model), threshold, mode, parameter,
+    if st.button("Save threshold", type="primary", disabled=threshold == thresholds.saved_threshold(model)):
+        saved = scoring.save_threshold(store, model, ui.load_method(model), threshold, mode, parameter,
                                      by=ui.current_user())
         st.session_state.threshold_saved = f"Saved for {ui.model_label(model)}: {ui.threshold_label(saved)}."
         st.rerun()
@@ -178,7 +178,7 @@ model = ui.pick_from_url("Model", models, "model", ui.model_label)
 if message := st.session_state.pop("threshold_saved", None):
     st.success(message)
 st.markdown(f"Saved threshold: **{ui.threshold_label(model.threshold)}**")
-labelled = review.labelled_set(store, model, ui.load_method, ui.progress_bar(ui.model_label(model)))
+labelled = scoring.labelled_set(store, model, ui.load_method, ui.progress_bar(ui.model_label(model)))
 st.caption(f"Judged on {len(labelled.holdout)} hold-out normal images (never trained on) and "
            f"{labelled.n_good} good and {labelled.n_defective} defective test images of "
            f"'{model.dataset_name}'.")
@@ -186,7 +186,7 @@ mode, parameter, threshold = choose(model, labelled)
 save(model, mode, parameter, threshold)
 honesty_notes(labelled)
 rates(labelled, threshold, mode, parameter)
-charts(labelled, threshold, review.saved_threshold(model))
+charts(labelled, threshold, thresholds.saved_threshold(model))
 if len(labelled.labels):
     st.subheader("Mistakes at this threshold")
     gallery(model, labelled, threshold)

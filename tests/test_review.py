@@ -1,4 +1,4 @@
-"""kdcore.review without a browser: cached scoring, thresholds, pictures, inspections, QA marks, CSV, store clean-up."""
+"""Review without a browser: image sources, cached scoring, thresholds, pictures, inspections, QA marks, CSV, store."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from PIL import Image
 
 import kdcore
 import synthetic
-from kdcore import calibration, cli, heatmaps, qa_regions, review, thresholds, verdicts
+from kdcore import calibration, cli, heatmaps, image_refs, qa_regions, review, scoring, thresholds, verdicts
 from kdcore.store import Store
 
 
@@ -28,20 +28,20 @@ def stpm(review_store):
 
 
 def test_each_image_is_scored_once_per_model_and_matches_the_engine(review_store, stpm):
-    images = review.dataset_images(review_store, stpm.dataset_id)
+    images = image_refs.dataset_images(review_store, stpm.dataset_id)
     progress = []
-    scores = review.score_images(review_store, stpm, images + images[:2], loader(review_store),
+    scores = scoring.score_images(review_store, stpm, images + images[:2], loader(review_store),
                                  lambda done, total: progress.append((done, total)))
     assert progress[0] == (0, len(images)) and progress[-1] == (len(images), len(images))  # duplicates run once
 
     method = kdcore.load(review_store.model_file(stpm))
     maps, expected = method.predict(method.preprocess_paths([image.path for image in images]))
     np.testing.assert_allclose(scores[:len(images)], expected, rtol=1e-6)
-    cached = review.load_map(review_store, stpm, images[3])
+    cached = scoring.load_map(review_store, stpm, images[3])
     np.testing.assert_allclose(cached, maps[3], rtol=1e-6)
     assert cached.max() == np.float32(scores[3])  # the verdict's score is the drawn map's maximum, exactly
 
-    again = review.score_images(review_store, stpm, images[::-1], never_load)  # all cached: order kept
+    again = scoring.score_images(review_store, stpm, images[::-1], never_load)  # all cached: order kept
     np.testing.assert_array_equal(again, scores[:len(images)][::-1])
 
 
@@ -56,12 +56,12 @@ def test_threshold_modes_and_the_normalised_scale(stpm):
     with pytest.raises(ValueError, match="unknown threshold mode"):
         thresholds.choose_threshold("sigma", 3, holdout)
 
-    saved = review.saved_threshold(stpm)
-    assert review.to_normalized(saved, stpm) == 0.5
+    saved = thresholds.saved_threshold(stpm)
+    assert thresholds.to_normalized(saved, stpm) == 0.5
     span = stpm.calibration["max"] - stpm.calibration["min"]
-    assert review.to_normalized(saved + span, stpm) == pytest.approx(1.5)
-    assert review.from_normalized(review.to_normalized(1.234, stpm), stpm) == pytest.approx(1.234)
-    low, high, step = review.threshold_range(stpm)
+    assert thresholds.to_normalized(saved + span, stpm) == pytest.approx(1.5)
+    assert thresholds.from_normalized(thresholds.to_normalized(1.234, stpm), stpm) == pytest.approx(1.234)
+    low, high, step = thresholds.threshold_range(stpm)
     assert low < stpm.calibration["min"] <= saved <= high and high > stpm.calibration["max"]
     assert step == pytest.approx(span / 100)  # 0.01 on the normalised scale
     assert (saved - low) / step == pytest.approx(round((saved - low) / step))  # the slider opens on the saved value
@@ -72,12 +72,12 @@ def test_threshold_modes_and_the_normalised_scale(stpm):
 
 def test_a_saved_threshold_reaches_the_store_the_model_file_and_the_cli(review_store, stpm, tmp_path, capsys):
     method = kdcore.load(review_store.model_file(stpm))
-    saved = review.save_threshold(review_store, stpm, method, 5.5, thresholds.SCORE, 5.5)
+    saved = scoring.save_threshold(review_store, stpm, method, 5.5, thresholds.SCORE, 5.5)
     assert saved["value"] == 5.5 and saved["mode"] == "score" and saved["date"]
     assert review_store.get_model(stpm.id).threshold == saved
     assert kdcore.load(review_store.model_file(stpm)).threshold == saved
 
-    images = review.dataset_images(review_store, stpm.dataset_id)
+    images = image_refs.dataset_images(review_store, stpm.dataset_id)
     out = tmp_path / "predict.csv"
     assert cli.main(["predict", str(review_store.model_file(stpm)), str(images[0].path.parent), "--csv", str(out),
                      "--quiet"]) == 0
@@ -118,8 +118,8 @@ def test_full_size_view_keeps_the_originals_shape_with_map_and_truth_on_it(revie
     truth = np.zeros((90, 300), np.uint8)
     truth[30:60, 200:260] = 255
     Image.fromarray(truth).save(mask_path)
-    image = review.ImageRef(review.file_sha256(path), path.name, path, defect="dent", mask_path=mask_path)
-    review.score_images(review_store, stpm, [image], loader(review_store))
+    image = image_refs.ImageRef(image_refs.file_sha256(path), path.name, path, defect="dent", mask_path=mask_path)
+    scoring.score_images(review_store, stpm, [image], loader(review_store))
     original, overlay = heatmaps.full_size_pictures(review_store, stpm, image, threshold=-1e9)  # all above it
     assert original.shape == overlay.shape == (90, 300, 3)
     assert (original[..., 0] == np.asarray(Image.open(path))).all()  # the file's own pixels, not resized
@@ -140,7 +140,7 @@ def new_parts(folder, n: int = 6):
 
 def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review_store, stpm, tmp_path):
     folder = new_parts(tmp_path / "line")
-    images, problems = review.folder_images(folder)
+    images, problems = image_refs.folder_images(folder)
     assert len(images) == 6 and [name for name, _ in problems] == ["notes.txt"]
     inspection = review_store.get_inspection(
         review.run_inspection(review_store, stpm, images, str(folder), loader(review_store)))
@@ -210,7 +210,7 @@ def test_an_inspection_ranks_marks_exports_and_feeds_false_positives_back(review
 
 def test_uploads_are_kept_by_content_and_unreadable_files_are_listed(review_store, synthetic_root):
     png = (synthetic_root / "test" / "good" / "good_000.png").read_bytes()
-    images, problems = review.upload_images(review_store, [("a.png", png), ("same.png", png),
+    images, problems = image_refs.upload_images(review_store, [("a.png", png), ("same.png", png),
                                                            ("broken.png", b"not a png"), ("notes.txt", b"x")])
     assert [image.name for image in images] == ["a.png", "same.png"]
     assert images[0].sha256 == images[1].sha256 and images[0].path.read_bytes() == png
@@ -223,25 +223,25 @@ def test_synthetic_defects_are_made_once_with_masks_and_again_when_the_holdout_c
     from kdcore.synthetic_check import holdout_defects
 
     dataset_id = stpm.dataset_id
-    images = review.synthetic_images(review_store, dataset_id, 64, "letterbox")
+    images = image_refs.synthetic_images(review_store, dataset_id, 64, "letterbox")
     holdout = data.load_dataset(review_store.dataset_dir(dataset_id)).holdout
     _, _, _, masks, kinds = holdout_defects(data.load_dataset(review_store.dataset_dir(dataset_id)), 64, "letterbox")
     assert [image.defect for image in images] == [f"synthetic {kind}" for kind in kinds]
-    assert len(images) == len(holdout) and {image.label for image in images} == {review.DEFECTIVE}
+    assert len(images) == len(holdout) and {image.label for image in images} == {image_refs.DEFECTIVE}
     for image, mask in zip(images, masks):  # square synthetic pictures: the files are the check's own pixels
         saved = np.asarray(Image.open(image.mask_path)) > 0
         assert saved.any() and np.array_equal(saved, mask.numpy())
-    assert review.synthetic_images(review_store, dataset_id, 64, "letterbox") == images  # made once, kept
+    assert image_refs.synthetic_images(review_store, dataset_id, 64, "letterbox") == images  # made once, kept
     folder = images[0].path.parent
     holdout[0].write_bytes(holdout[1].read_bytes())  # the dataset changed: the images are made again
-    again = review.synthetic_images(review_store, dataset_id, 64, "letterbox")
+    again = image_refs.synthetic_images(review_store, dataset_id, 64, "letterbox")
     assert again[0].path.parent != folder and again[0].sha256 != images[0].sha256
 
 
 def test_labelled_set_and_operating_points(review_store, stpm):
-    labelled = review.labelled_set(review_store, stpm, loader(review_store))
+    labelled = scoring.labelled_set(review_store, stpm, loader(review_store))
     assert (labelled.n_good, labelled.n_defective, len(labelled.holdout)) == (8, 16, stpm.calibration["n"])
-    point = thresholds.operating_point(labelled.labels, labelled.scores, review.saved_threshold(stpm))
+    point = thresholds.operating_point(labelled.labels, labelled.scores, thresholds.saved_threshold(stpm))
     assert point.tp + point.fn == 16 and point.fp + point.tn == 8
     assert point.fpr == point.fp / 8 and point.recall == point.tp / 16
     lines = thresholds.curves(labelled.labels, labelled.scores)
@@ -250,8 +250,8 @@ def test_labelled_set_and_operating_points(review_store, stpm):
 
 
 def test_deleting_a_model_drops_its_cached_maps_and_scores(review_store, stpm):
-    images = review.dataset_images(review_store, stpm.dataset_id)[:2]
-    review.score_images(review_store, stpm, images, loader(review_store))
+    images = image_refs.dataset_images(review_store, stpm.dataset_id)[:2]
+    scoring.score_images(review_store, stpm, images, loader(review_store))
     assert review_store.map_file(stpm.id, images[0].sha256).exists()
     review_store.delete_model(stpm.id)
     assert not review_store.map_file(stpm.id, images[0].sha256).parent.exists()

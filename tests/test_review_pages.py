@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kdcore
-from kdcore import ingest, review, thresholds
+from kdcore import image_refs, ingest, review, scoring, thresholds
 from test_app import by_label, open_page, texts
 from test_review import loader, new_parts
 from test_store import png
@@ -32,14 +32,14 @@ def test_compare_shows_a_column_per_model_and_a_threshold_only_recolours(review_
     assert len(at.image) == 2 and len(at.slider) == 2
     assert verdicts(at) == ["OK", "OK"]
     stpm = models["stpm"]
-    score = review_store.cached_scores(stpm.id, [review.dataset_images(review_store, stpm.dataset_id)[0].sha256])
+    score = review_store.cached_scores(stpm.id, [image_refs.dataset_images(review_store, stpm.dataset_id)[0].sha256])
     (score,) = score.values()
 
     def positions():
-        return [review.to_normalized(at.slider(key=f"compare_threshold_{m.id}").value, m) for m in models.values()]
+        return [thresholds.to_normalized(at.slider(key=f"compare_threshold_{m.id}").value, m) for m in models.values()]
 
     with monkeypatch.context() as patch:
-        patch.setattr(review, "_run_model", fail_if_a_model_runs)
+        patch.setattr(scoring, "_run_model", fail_if_a_model_runs)
         at.slider(key=f"compare_threshold_{stpm.id}").set_value(score - 0.01).run()
         assert not at.exception
         assert verdicts(at) == ["OK", "NG"]  # columns: rd (#2, newest) then stpm
@@ -47,7 +47,7 @@ def test_compare_shows_a_column_per_model_and_a_threshold_only_recolours(review_
 
         at.toggle(key="compare_sync").set_value(True).run()  # syncing aligns all on the first column (rd: 0.5)
         assert positions() == pytest.approx([0.5, 0.5])
-        at.slider(key=f"compare_threshold_{stpm.id}").set_value(review.from_normalized(0.7, stpm)).run()
+        at.slider(key=f"compare_threshold_{stpm.id}").set_value(thresholds.from_normalized(0.7, stpm)).run()
         assert positions() == pytest.approx([0.7, 0.7])  # moving one moves the other on its own scale
         at.toggle(key="compare_detail_on").set_value(True).run()
         (figure,) = at.get("plotly_chart")
@@ -110,7 +110,7 @@ def test_thresholds_page_sets_f1_optimal_and_saves_it_on_the_model(review_store,
     assert "cannot be checked here" in texts(at.warning)  # percentile 99 on the template's few hold-out images
 
     by_label(at.radio, "Choose the threshold by").set_value(thresholds.F1).run()
-    labelled = review.labelled_set(review_store, stpm, lambda model: pytest.fail("scores were cached"))
+    labelled = scoring.labelled_set(review_store, stpm, lambda model: pytest.fail("scores were cached"))
     best = thresholds.choose_threshold(thresholds.F1, None, labelled.holdout, labelled.labels, labelled.scores)
     assert by_label(at.metric, "Threshold").value == f"{best:.4g}"
     by_label(at.button, "Save threshold").click().run()
@@ -150,8 +150,8 @@ def test_thresholds_page_says_plainly_when_no_defects_are_labelled(review_store,
 def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_false_positives(
         review_store, models, tmp_path):
     folder = new_parts(review_store.root / "inbox" / "line")  # the app reads server folders under its inbox
-    images, _ = review.folder_images(folder)
-    scores = review.score_images(review_store, models["stpm"], images, loader(review_store))
+    images, _ = image_refs.folder_images(folder)
+    scores = scoring.score_images(review_store, models["stpm"], images, loader(review_store))
     review_store.set_model_threshold(models["stpm"].id, {"value": float(np.median(scores)), "mode": "score",
                                                          "parameter": None, "date": "2026-11-23"})
     stpm = review_store.get_model(models["stpm"].id)
@@ -172,7 +172,7 @@ def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_f
     marks = [radio for radio in at.radio if radio.key and radio.key.startswith("qa_")]
     assert marks[0].key.endswith(rows[0].image.sha256)  # highest score first
     marks[0].set_value("wrong").run()  # QA: a good part called NG
-    assert review_store.qa_labels([rows[0].image.sha256]) == {rows[0].image.sha256: review.NORMAL}
+    assert review_store.qa_labels([rows[0].image.sha256]) == {rows[0].image.sha256: image_refs.NORMAL}
     assert by_label(at.metric, "False positives").value == "1"
     assert [button.label for button in at.get("download_button")] == ["Download CSV"]  # its file: browser test
     at.text_input(key=f"comment_{inspection.id}_{rows[0].image.sha256}").input("glare, not a defect").run()
@@ -195,7 +195,7 @@ def test_inspect_runs_a_folder_with_the_saved_threshold_marks_exports_and_adds_f
 
 def test_inspect_says_when_the_threshold_changed_since(review_store, models, tmp_path):
     stpm = models["stpm"]
-    images, _ = review.folder_images(new_parts(tmp_path / "line"))
+    images, _ = image_refs.folder_images(new_parts(tmp_path / "line"))
     review.run_inspection(review_store, stpm, images, "line", loader(review_store))
     review_store.set_model_threshold(stpm.id, {"value": 0.0, "mode": "score", "parameter": 0.0, "date": "2026-01-02"})
     at = open_page()
@@ -280,8 +280,8 @@ def test_models_page_queues_an_ensemble_that_the_worker_builds(review_store, mod
     assert ensemble.method == "ensemble" and ensemble.dataset_id == stpm.dataset_id
     loaded = kdcore.load(review_store.model_file(ensemble))
     assert [spec["method"] for spec in loaded.config.member_specs] == ["stpm", "rd"]
-    images, _ = review.folder_images(new_parts(review_store.root / "inbox" / "ens"))
-    assert len(review.score_images(review_store, ensemble, images, loader(review_store))) == len(images)
+    images, _ = image_refs.folder_images(new_parts(review_store.root / "inbox" / "ens"))
+    assert len(scoring.score_images(review_store, ensemble, images, loader(review_store))) == len(images)
 
 
 def test_compare_shows_each_models_evaluation(review_store, models):
