@@ -99,9 +99,13 @@ def per_method_settings(methods: list[str], last: dict[str, dict]) -> dict[str, 
         label, epochs_col, batch_col = st.columns([2, 1, 1], vertical_alignment="bottom")
         label.markdown(f"**{name}**")
         # Empty means the method's own default: per device for epochs, a preset's value for US.
-        by_device = get_method_class(name).default_epochs
-        epochs = epochs_col.number_input("Epochs", min_value=1, value=defaults["epochs"], key=f"epochs_{name}",
-                                         placeholder=f"auto: {by_device['cpu']} CPU, {by_device['cuda']} GPU")
+        method_class = get_method_class(name)
+        by_device = method_class.default_epochs
+        epochs = epochs_col.number_input(
+            "Epochs", min_value=1, value=defaults["epochs"], key=f"epochs_{name}",
+            placeholder=f"auto: {by_device['cpu']} CPU, {by_device['cuda']} GPU",
+            help=f"Empty: {by_device['cpu']} on a CPU, {by_device['cuda']} on a GPU, but at least "
+                 f"{method_class.min_default_steps} training steps, so that a small dataset gets more epochs.")
         batch = batch_col.number_input("Batch size", min_value=1, value=defaults["batch_size"], key=f"batch_{name}",
                                        placeholder="auto")
         settings[name] = {key: int(value) for key, value in (("epochs", epochs), ("batch_size", batch))

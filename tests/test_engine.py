@@ -1,6 +1,8 @@
 """The engine end to end: teachers, the method interface, STPM and RD learning, persistence, errors."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -318,6 +320,20 @@ def test_epochs_default_per_device():
     assert kdcore.create_method("rd", epochs=3).config.epochs == 3
 
 
+def test_default_epochs_give_a_small_dataset_a_minimum_of_steps(dataset, monkeypatch, single_torch_thread):
+    """36 training images in batches of 8 make 4 steps an epoch: a default of 1 epoch becomes 3 for 10 steps.
+    Epochs the user chose are kept, and the saved model records the epochs it trained."""
+    stpm = registry.get_method_class("stpm")
+    monkeypatch.setattr(stpm, "default_epochs", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(stpm, "min_default_steps", 10)
+    steps_per_epoch = len(dataset.train) // 8
+    defaulted = kdcore.create_method("stpm", size=64, batch_size=8, device="cpu", hard_fraction=1.0).fit(dataset)
+    assert defaulted.config.epochs == math.ceil(10 / steps_per_epoch) > 1
+    assert defaulted.training_info["steps"] == defaulted.config.epochs * steps_per_epoch >= 10
+    chosen = kdcore.create_method("stpm", size=64, batch_size=8, device="cpu", epochs=1, hard_fraction=1.0).fit(dataset)
+    assert chosen.config.epochs == 1 and chosen.training_info["steps"] == steps_per_epoch
+
+
 def test_prediction_folds_batchnorm_and_keeps_the_maps(fitted, dataset, monkeypatch):
     from kdcore.batchnorm_folding import fold_batchnorm
 
@@ -456,7 +472,7 @@ def test_magnitude_loss_is_in_units_of_the_teachers_channel_std(dataset, tmp_pat
     x = method._normalize(train[:4])
     with torch.no_grad():
         teacher_features, student_features = net.features(x)
-        expected = rd.rd_loss(teacher_features, student_features) + rd.magnitude_loss(
+        expected = rd.rd_loss(teacher_features, student_features, net.hard_fraction) + rd.magnitude_loss(
             teacher_features, student_features, net.channel_scale)
         np.testing.assert_allclose(float(net.loss(x)), float(expected), rtol=1e-5)
     loaded = kdcore.load(method.save(tmp_path / "magnitude.pt"))

@@ -195,11 +195,16 @@ class AnomalyMethod:
     # Epochs when ``epochs`` is None, per device type: on a CPU what fits about a quarter of an hour on two
     # cores at 256² for a few hundred images; on a GPU the longer budget of the paper's recipe.
     default_epochs: ClassVar[dict[str, int]] = {"cpu": 10, "cuda": 100}
+    # ... but never fewer optimiser steps than this when the epochs are the default: a small dataset (a
+    # bottle-sized 200 images make 12 steps of 16 an epoch) then gets more epochs of its few images, in about
+    # the time a large set's default takes, instead of a tenth of the training.
+    min_default_steps: ClassVar[int] = 250
 
     def __init__(self, **params):
         self.config = self.make_config(params)
         self.device = resolve_device(self.config.device)
-        if self.config.epochs is None:
+        self._default_epochs = self.config.epochs is None
+        if self._default_epochs:
             self.config.epochs = self.default_epochs.get(self.device.type, self.default_epochs["cpu"])
         self.net: nn.Module | None = None
         self.teacher_weights: WeightsInfo | None = None
@@ -415,6 +420,8 @@ class AnomalyMethod:
 
         batch_size = min(self.config.batch_size, len(train_u8))
         steps_per_epoch = len(train_u8) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
+        if self._default_epochs:
+            self.config.epochs = max(self.config.epochs, math.ceil(self.min_default_steps / steps_per_epoch))
         total_steps = steps_per_epoch * self.config.epochs
         schedulers = self.configure_schedulers(optimizers, total_steps)
         generator = torch.Generator().manual_seed(self.config.seed)

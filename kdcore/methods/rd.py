@@ -488,7 +488,7 @@ class RDConfig(HardLossConfig, RDFamilyConfig):
     segment_context_strides: tuple[int, ...] = (32,)
     # Below 1: the loss is the per-position cosine over the worst-matched share of each level's positions
     # (module notes); 1 is the paper code's cosine of whole flattened levels.
-    hard_fraction: float = 1.0
+    hard_fraction: float = 0.1
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "magnitude": 0.0, "relight_prob": 0.0,
                                        "segment_context_strides": (), "hard_fraction": 1.0}
 
