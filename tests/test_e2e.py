@@ -165,8 +165,8 @@ def test_create_upload_train_and_find_the_model(app, page, tmp_path):
     wait_idle(page)
     page.get_by_role("slider").first.press("Home")  # image size: the smallest, 64 px
     wait_idle(page)
-    page.get_by_label("Epochs").fill("1")
-    page.get_by_label("Epochs").press("Enter")
+    page.get_by_role("spinbutton", name="Epochs").fill("1")
+    page.get_by_role("spinbutton", name="Epochs").press("Enter")
     wait_idle(page)
     page.get_by_text("stpm options").click()  # any other parameter of the method, as --set gives it
     page.get_by_label("lr", exact=True).fill("0.002")
