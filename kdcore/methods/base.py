@@ -203,8 +203,8 @@ class AnomalyMethod:
     def __init__(self, **params):
         self.config = self.make_config(params)
         self.device = resolve_device(self.config.device)
-        self._default_epochs = self.config.epochs is None
-        if self._default_epochs:
+        self._epochs_by_default = self.config.epochs is None
+        if self._epochs_by_default:
             self.config.epochs = self.default_epochs.get(self.device.type, self.default_epochs["cpu"])
         self.net: nn.Module | None = None
         self.teacher_weights: WeightsInfo | None = None
@@ -420,7 +420,7 @@ class AnomalyMethod:
 
         batch_size = min(self.config.batch_size, len(train_u8))
         steps_per_epoch = len(train_u8) // batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
-        if self._default_epochs:
+        if self._epochs_by_default:
             self.config.epochs = max(self.config.epochs, math.ceil(self.min_default_steps / steps_per_epoch))
         total_steps = steps_per_epoch * self.config.epochs
         schedulers = self.configure_schedulers(optimizers, total_steps)
