@@ -195,8 +195,8 @@ class AnomalyMethod:
     # Epochs when ``epochs`` is None, per device type: on a CPU what fits about a quarter of an hour on two
     # cores at 256² for a few hundred images; on a GPU the longer budget of the paper's recipe.
     default_epochs: ClassVar[dict[str, int]] = {"cpu": 10, "cuda": 100}
-    # ... but never fewer optimiser steps than this when the epochs are the default: a small dataset (a
-    # bottle-sized 200 images make 12 steps of 16 an epoch) then gets more epochs of its few images, in about
+    # ... but never fewer optimiser steps than this when the epochs are the default: a small dataset (of a
+    # bottle-sized 200 images 180 train, 11 steps of 16 an epoch) then gets more epochs of its few images, in about
     # the time a large set's default takes, instead of a tenth of the training.
     min_default_steps: ClassVar[int] = 250
 
