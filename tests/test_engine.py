@@ -457,6 +457,20 @@ def test_cosine_schedule_decays_the_rate_to_zero_over_training(dataset, monkeypa
         kdcore.create_method("rd", lr_schedule="linear")
 
 
+def test_urd_decays_both_rates_to_zero_by_default_and_old_files_keep_the_constant_rate():
+    method = kdcore.create_method("rd_expert", **TINY)
+    method._build("default")
+    optimizers = method.configure_optimizers()
+    schedulers = method.configure_schedulers(optimizers, 10)
+    assert len(schedulers) == 2
+    for _ in range(10):
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            scheduler.step()
+    assert [optimizer.param_groups[0]["lr"] for optimizer in optimizers] == [0.0, 0.0]
+    assert method.Config.legacy_defaults["lr_schedule"] == "constant"  # how URD files of before were trained
+
+
 def test_magnitude_loss_is_in_units_of_the_teachers_channel_std(dataset, tmp_path, monkeypatch):
     """RD's ``magnitude``: the teacher's per-channel std over the training images scales a squared distance that
     joins the loss; the map stays the cosine; the scale is saved with the model."""
