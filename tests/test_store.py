@@ -244,10 +244,10 @@ def test_a_newer_database_layout_is_refused(store):
 def test_a_database_of_an_older_kdcore_is_migrated_in_place(tmp_path):
     import sqlite3
 
-    from kdcore import store as store_module
+    from kdcore.store import database
 
     # The layout before versions were kept: no export jobs, no executor/node, no identity.
-    old_schema = (store_module._SCHEMA.replace("'evaluate', 'export'", "'evaluate'")
+    old_schema = (database._SCHEMA.replace("'evaluate', 'export'", "'evaluate'")
                   .replace("    finished_at REAL,\n    executor TEXT,               -- what ran it: 'local' (the worker's own "
                            "process)\n    node TEXT                    -- the machine it ran on\n", "    finished_at REAL\n"))
     assert "executor" not in old_schema
@@ -266,7 +266,7 @@ def test_a_database_of_an_older_kdcore_is_migrated_in_place(tmp_path):
     assert store.enqueue_job("export", "rd", {}, 1).kind == "export"
     assert (root / "kdcore-store-id").read_text().strip() == store.id
     with sqlite3.connect(root / "kdcore.sqlite3") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
 
 

@@ -183,7 +183,7 @@ class _FakeProcess:
 
 
 def test_a_large_import_does_not_lock_out_a_running_training(trained, tmp_path, monkeypatch):
-    import kdcore.store as store_module
+    from kdcore.store import database
     from test_store import png
 
     store = trained[0]
@@ -191,15 +191,15 @@ def test_a_large_import_does_not_lock_out_a_running_training(trained, tmp_path, 
     ingest.import_folder(store, dataset.id, synthetic.make_dataset(tmp_path, n_train=10, n_test_good=0, n_test_defect=0))
     # A slow disk and little patience for locks: an import that held the write lock while it moved its files
     # (as it once did, for the whole import) would make the training's claim and progress writes fail.
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(store_module, "MAX_BUSY_SECONDS", 1.0)
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(database, "MAX_BUSY_SECONDS", 1.0)
     real_replace = os.replace
 
     def slow_replace(source, target):
         time.sleep(0.005)
         real_replace(source, target)
 
-    monkeypatch.setattr(store_module.os, "replace", slow_replace)
+    monkeypatch.setattr(database.os, "replace", slow_replace)
     moving = threading.Event()
     real_add_images = store.add_images
 
