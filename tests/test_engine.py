@@ -13,7 +13,7 @@ import kdcore
 from kdcore import data, registry
 from kdcore.backbones import Backbone, BackboneError, lite0_package_state_dict
 from kdcore.evaluation import evaluate_model
-from kdcore.ops import GaussianBlur, hardest_mean, upsample
+from kdcore.ops import GaussianBlur, fuse_levels, hardest_mean, upsample
 from synthetic import within_relight_reach
 
 TINY = {"size": 64, "batch_size": 8}
@@ -268,6 +268,30 @@ def test_hard_loss_averages_the_worst_matched_positions(dataset, tmp_path, name)
     del payload["config"]["hard_fraction"]
     torch.save(payload, tmp_path / "old.pt")
     assert kdcore.load(tmp_path / "old.pt").config.hard_fraction == 1.0
+
+
+def test_stpm_map_multiplies_the_chosen_levels_and_old_files_keep_all_three(fitted, tmp_path):
+    method = fitted["stpm"]
+    assert method.config.map_strides == (4, 8, 16) and method.net.map_levels == (0, 1, 2)  # the paper's map
+    x = torch.randn(2, 3, 64, 64)
+    method.net.eval()
+    with torch.no_grad():
+        distances = method.net.level_distances(x)
+        torch.testing.assert_close(method.net.anomaly_map(x), fuse_levels(distances, 64, mode="product"))
+    two_levels = kdcore.create_method("stpm", map_strides=(16, 8), **TINY)
+    two_levels._build("default")
+    two_levels.net.load_state_dict(method.net.state_dict())
+    two_levels.net.eval()
+    assert two_levels.config.map_strides == (8, 16) and two_levels.net.map_levels == (1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(two_levels.net.anomaly_map(x), fuse_levels(distances[1:], 64, mode="product"))
+    method.save(tmp_path / "old.pt")
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    del payload["config"]["map_strides"]  # as written before the option existed
+    torch.save(payload, tmp_path / "old.pt")
+    assert kdcore.load(tmp_path / "old.pt").net.map_levels == (0, 1, 2)
+    with pytest.raises(ValueError, match="map_strides"):
+        kdcore.create_method("stpm", map_strides=(32,))
 
 
 def test_gaussian_blur_matches_scipy():

@@ -121,6 +121,36 @@ class HardLossConfig(MethodConfig):
             raise ValueError(f"hard_fraction must be in (0, 1], got {self.hard_fraction!r}")
 
 
+TEACHER_STRIDES = (4, 8, 16)  # the levels the feature-matching students distil (``teacher_strides``)
+
+
+def checked_map_strides(map_strides) -> tuple[int, ...]:
+    """``map_strides`` as a sorted tuple, or a clear error where it names no level or one the teacher lacks."""
+    strides = (map_strides,) if isinstance(map_strides, int) else tuple(map_strides)
+    if not strides or not set(strides) <= set(TEACHER_STRIDES):
+        raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
+                         f"got {map_strides!r}")
+    return tuple(sorted(set(strides)))
+
+
+def map_level_indices(map_strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Indices of ``map_strides`` among the teacher's levels."""
+    return tuple(TEACHER_STRIDES.index(stride) for stride in map_strides)
+
+
+@dataclass
+class MapStridesConfig(MethodConfig):
+    """For students whose map combines their per-level discrepancies at ``TEACHER_STRIDES``."""
+
+    # The teacher strides whose levels make the map (the method's notes); the papers' maps use all three. Every
+    # level is still trained.
+    map_strides: tuple[int, ...] = (8, 16)
+
+    def validate(self) -> None:
+        super().validate()
+        self.map_strides = checked_map_strides(self.map_strides)
+
+
 @dataclass(frozen=True)
 class TrainProgress:
     """What ``fit`` reports after every optimisation step (and once more after each hold-out check)."""
@@ -232,7 +262,7 @@ class AnomalyMethod:
         raise NotImplementedError
 
     def teacher_strides(self) -> tuple[int, ...]:
-        return (4, 8, 16)
+        return TEACHER_STRIDES
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         raise NotImplementedError

@@ -168,7 +168,8 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import AnomalyMethod, HardLossConfig
+from kdcore.methods.base import (TEACHER_STRIDES, AnomalyMethod, HardLossConfig, MapStridesConfig,
+                                 map_level_indices)
 from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.methods.segmentation import SegmentationHead, segmentation_loss, with_clean_share
 from kdcore.ops import (GaussianBlur, cosine_distance_map, flattened_cosine_loss, fuse_levels, hardest_mean,
@@ -335,23 +336,6 @@ def fit_level_scale(method: AnomalyMethod, holdout_images: torch.Tensor) -> None
     std.copy_((squares / count - mean.pow(2)).clamp_min(1e-12).sqrt())
 
 
-TEACHER_STRIDES = (4, 8, 16)  # the levels every RD-family network distils (``teacher_strides``)
-
-
-def map_level_indices(map_strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Indices of ``map_strides`` among the teacher's levels."""
-    return tuple(TEACHER_STRIDES.index(stride) for stride in map_strides)
-
-
-def checked_map_strides(map_strides) -> tuple[int, ...]:
-    """``map_strides`` as a sorted tuple, or a clear error where it names no level or one the teacher lacks."""
-    strides = (map_strides,) if isinstance(map_strides, int) else tuple(map_strides)
-    if not strides or not set(strides) <= set(TEACHER_STRIDES):
-        raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
-                         f"got {map_strides!r}")
-    return tuple(sorted(set(strides)))
-
-
 def pyramid_matching_loss(teacher_features, student_features, hard_fraction: float = 1.0) -> torch.Tensor:
     """``sum_levels mean_{batch, positions} (1 - cos)`` of per-pixel feature vectors, the mean over the hardest
     ``hard_fraction`` of each level's positions (``kdcore.ops.hardest_mean``)."""
@@ -452,7 +436,7 @@ def lr_schedulers(schedule: str, optimizers: list[torch.optim.Optimizer], total_
 
 
 @dataclass
-class RDFamilyConfig(DenoisingConfig):
+class RDFamilyConfig(MapStridesConfig, DenoisingConfig):
     """What RD, DSKD and URD share: a reverse decoder behind an OCBE, trained with Adam."""
 
     batch_size: int = 16
@@ -466,9 +450,6 @@ class RDFamilyConfig(DenoisingConfig):
     standardize_levels: bool = True
     # The student also learns from synthetic-defect copies (module notes); the paper trains on normal images only.
     denoise: bool = True
-    # The teacher strides whose levels make the map (module notes); the paper's map uses all three. Every level
-    # is still trained.
-    map_strides: tuple[int, ...] = (8, 16)
     # "constant" (the paper's) or "cosine": the rate decays to zero over the training's steps.
     lr_schedule: str = "constant"
     legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "linear_heads": False,
@@ -483,7 +464,6 @@ class RDFamilyConfig(DenoisingConfig):
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.map_strides = checked_map_strides(self.map_strides)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 

@@ -82,11 +82,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import HardLossConfig
+from kdcore.methods.base import HardLossConfig, map_level_indices
 from kdcore.methods.denoising import DenoisingMethod
 from kdcore.methods.rd import (OCBE, LevelScale, RDFamilyConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
-                               lr_schedulers, map_level_indices, rd_level_distances, rd_loss,
-                               students_anomaly_map)
+                               lr_schedulers, rd_level_distances, rd_loss, students_anomaly_map)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
