@@ -272,7 +272,9 @@ def test_hard_loss_averages_the_worst_matched_positions(dataset, tmp_path, name)
 
 def test_stpm_map_multiplies_the_chosen_levels_and_old_files_keep_all_three(fitted, tmp_path):
     method = fitted["stpm"]
-    assert method.config.map_strides == (4, 8, 16) and method.net.map_levels == (0, 1, 2)  # the paper's map
+    assert method.config.map_strides == (4, 8, 16) and method.net.map_levels == (0, 1, 2)  # below 256 px: all three
+    assert kdcore.create_method("stpm", size=256).config.map_strides == (8, 16)
+    assert kdcore.create_method("stpm", size=512, map_strides=[4, 8, 16]).config.map_strides == (4, 8, 16)
     x = torch.randn(2, 3, 64, 64)
     method.net.eval()
     with torch.no_grad():
@@ -289,7 +291,12 @@ def test_stpm_map_multiplies_the_chosen_levels_and_old_files_keep_all_three(fitt
     payload = torch.load(tmp_path / "old.pt", weights_only=True)
     del payload["config"]["map_strides"]  # as written before the option existed
     torch.save(payload, tmp_path / "old.pt")
-    assert kdcore.load(tmp_path / "old.pt").net.map_levels == (0, 1, 2)
+    payload["config"].update(size=256)
+    for key in ("denoise", "relight_prob"):
+        del payload["config"][key]
+    torch.save(payload, tmp_path / "old_256.pt")
+    old = kdcore.load(tmp_path / "old_256.pt")  # trained before the denoising student and the size rule
+    assert old.net.map_levels == (0, 1, 2) and old.config.denoise is False and old.config.relight_prob == 0.0
     with pytest.raises(ValueError, match="map_strides"):
         kdcore.create_method("stpm", map_strides=(32,))
 
