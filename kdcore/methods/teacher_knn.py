@@ -39,6 +39,15 @@ from kdcore.registry import register_method
 QUERY_BLOCK = 4096
 
 
+def local_context_embedding(levels: list[torch.Tensor]) -> torch.Tensor:
+    """N×C×h×w embedding of backbone levels on the finest level's grid, float32: each level 3×3-averaged
+    (stride 1) for local context, the coarser ones upsampled bilinearly, all concatenated along channels."""
+    levels = [F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=False) for f in levels]
+    grid = levels[0].shape[-2:]
+    return torch.cat([levels[0]] + [F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+                                    for f in levels[1:]], dim=1)
+
+
 def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of each of the M×C ``queries`` to its nearest row of the K×C ``bank``, in float32."""
     bank = bank.float()
@@ -62,11 +71,7 @@ class TeacherKNNNetwork(nn.Module):
         self.size = size
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """N×C×h×w local-context embedding on the finest level's grid, float32."""
-        levels = [F.avg_pool2d(f.float(), 3, stride=1, padding=1, count_include_pad=False) for f in self.teacher(x)]
-        grid = levels[0].shape[-2:]
-        return torch.cat([levels[0]] + [F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-                                        for f in levels[1:]], dim=1)
+        return local_context_embedding(self.teacher(x))
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         embedding = self.embed(x)

@@ -23,19 +23,32 @@ the patch network gives for the p×p patch centred there (tested). Students trai
 with the context their receptive field needs, so a crop's targets equal the whole image's at those pixels.
 
 Teacher distillation (``setup_training``, before the students): loss ``kd_weight·L_k + metric_weight·L_m +
-compact_weight·L_c`` on batches of ``teacher_batch_size`` patches, Adam (2e-4, weight decay 1e-5):
-- L_k: ``||D(T(p)) - P(p)||²`` with D a linear decoder from d to the backbone's width and P(p) the frozen
-  backbone (``teacher_strides``: its stride-16 and stride-32 levels) applied to the patch resized to
-  ``distill_size`` (default: p rounded to a multiple of 32, about its own resolution), each level
-  average-pooled and the two concatenated (for EfficientNet-Lite0 112+320 = 432 values; the paper used
-  ResNet-18's 512-d pooled output).
+compact_weight·L_c`` on batches of ``teacher_batch_size`` patches, Adam (weight decay 1e-5):
+- L_k: ``||D(T(p)) - P(p)||²`` with D a linear decoder from d to the backbone's width and P(p), with
+  ``distill_target="patch"`` (default, the paper's), the frozen backbone (``teacher_strides``: its stride-16
+  and stride-32 levels) applied to the patch resized to ``distill_size`` (default: p rounded to a multiple of
+  32, about its own resolution), each level average-pooled and the two concatenated (for EfficientNet-Lite0
+  112+320 = 432 values; the paper used ResNet-18's 512-d pooled output). With ``distill_target="image"`` P(p)
+  is instead the backbone's stride-8 and stride-16 features of the whole image, 3×3-averaged (what
+  ``teacher_knn`` reads), at the patch's centre; patches then stay upright. Targets are standardised per
+  dimension (mean and std of 1024 probe patches), so that no few large channels dominate the loss.
 - L_c: sum of the squared off-diagonal entries of the descriptor dimensions' correlation matrix over the batch.
 - L_m: triplet loss ``max(0, margin + δ+ - δ-)``, δ+ the squared distance from a patch to a positive (the same
   place shifted by up to p//16 pixels, with luminance jitter and Gaussian noise), δ- the smaller squared
-  distance of either to a negative (the next patch in the batch, from another random place). Reading of the
-  paper unverified: its MVTec runs may have set the metric weight to 0; here all three weights default to 1.
+  distance of either to a negative (the next patch in the batch, from another random place).
 Deviation: the paper distils on ImageNet patches, which are not available offline; the teacher distils on
 random patches of the training images (at the dense resolution), with random 90° rotations and flips.
+Deviation, measured: ``compact_weight`` and ``metric_weight`` default to 0 (paper: 1 each; it may have set the
+metric weight to 0 for MVTec) and the teacher's rate is 1e-3 (paper: 2e-4). With L_c on, the descriptors
+collapsed to decorrelated noise: the share of the targets' variance that ``D(T(p))`` explains (``r2`` in
+``training_info["teacher"]``, on the probe patches) stayed at -0.04 on magnetic_tile at any rate and budget,
+with or without L_m, and rose to 0.46 after 1500 steps with L_k alone (image target, standardised; 0.27
+unstandardised). On the tests' 64-px synthetic set, patch target, 300 steps: 0.03 with both terms, 0.78
+without. That collapse was why US trailed: a nearest-neighbour memory on the collapsed teacher's own dense
+descriptors read image / pixel AUROC 0.605 / 0.604 on magnetic_tile (its students' error 0.662 / 0.638; the
+backbone's features in the same memory 0.660 / 0.801). The triplet term alone did not collapse (r2 0.20 against
+0.14 after 500 steps), but is not measured on a whole run, so it stays off. Measured on magnetic_tile (fast
+preset, seed 0): OLD_NEW_NUMBERS
 
 Students: regress ``(T(x) - μ)/σ`` with μ, σ the per-dimension mean and std of the teacher's dense
 descriptors over the training images (at most 128 of them; buffers); loss ``mean_pixels ||S_i(x) - t̂||²``
@@ -109,6 +122,7 @@ from torch import nn
 
 from kdcore.backbones import Backbone
 from kdcore.methods.base import AnomalyMethod, HardLossConfig
+from kdcore.methods.teacher_knn import local_context_embedding
 from kdcore.ops import hardest_mean, position_mean, upsample
 from kdcore.registry import register_method
 
@@ -127,11 +141,15 @@ MIN_STD = 1e-6
 # The descriptor mean and std are estimated on at most this many training images (millions of descriptors
 # already; more only cost a dense teacher pass each).
 STATS_IMAGES = 128
+# Patches that estimate the patch teacher's target statistics and measure its fit.
+TARGET_PROBE_PATCHES = 1024
 # Per-position standardisation: smoothing of the hold-out moments (descriptor pixels) and the floor of the std
 # relative to the global one.
 POSITION_SIGMA = 4.0
 POSITION_MIN_STD = 0.1
 STANDARDIZE_MODES = ("global", "position")
+# The backbone levels each distillation target reads.
+DISTILL_TARGETS = {"patch": (16, 32), "image": (8, 16)}
 
 
 # ----------------------------------------------------------------------------- network
@@ -280,6 +298,18 @@ def backbone_descriptor(backbone: Backbone, patches: torch.Tensor, size: int) ->
         return torch.cat([level.float().mean(dim=(2, 3)) for level in backbone(resized)], dim=1)
 
 
+def image_descriptor(embeddings: torch.Tensor, centres: torch.Tensor, dense_shape: tuple[int, int]) -> torch.Tensor:
+    """The distillation target of ``distill_target="image"``: the backbone's embedding of the whole image
+    (``embeddings``, one per training image, covering the same extent as the dense images of ``dense_shape``)
+    read bilinearly at each patch's centre (``centres`` from ``sample_patch_pairs``)."""
+    h, w = dense_shape
+    index = centres[:, 0].long().to(embeddings.device)
+    grid = torch.stack([2 * centres[:, 2] / w - 1, 2 * centres[:, 1] / h - 1], dim=1).to(embeddings.device)
+    sampled = F.grid_sample(embeddings[index].float(), grid.view(-1, 1, 1, 2), mode="bilinear",
+                            align_corners=False)
+    return sampled.flatten(1)
+
+
 def compactness_loss(descriptors: torch.Tensor) -> torch.Tensor:
     """Sum of squared off-diagonal correlations between descriptor dimensions over the batch."""
     centred = descriptors - descriptors.mean(dim=0)
@@ -334,16 +364,19 @@ def ensemble_scores(predictions: Iterable[torch.Tensor], targets: torch.Tensor) 
 
 
 # ----------------------------------------------------------------------------- teacher pre-training data
-def sample_patch_pairs(images: torch.Tensor, patch_size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random patches (random 90° rotation and flip) and, for the triplet loss, their perturbed positives."""
+def sample_patch_pairs(images: torch.Tensor, patch_size: int, count: int, rotate: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random patches (with ``rotate``, a random 90° rotation and flip), their perturbed positives for the
+    triplet loss, and where each patch lies: ``count``×3 (image index, centre y, centre x in pixels, continuous
+    coordinates; a rotation turns the patch about that centre)."""
     shift = max(1, patch_size // 16)
     side = patch_size + 2 * shift
     n, _, h, w = images.shape
     index = torch.randint(n, (count,)).tolist()
     ys = torch.randint(h - side + 1, (count,)).tolist()
     xs = torch.randint(w - side + 1, (count,)).tolist()
-    turns = torch.randint(4, (count,)).tolist()
-    flips = torch.rand(count).lt(0.5).tolist()
+    turns = torch.randint(4, (count,)).tolist() if rotate else [0] * count
+    flips = torch.rand(count).lt(0.5).tolist() if rotate else [False] * count
     offsets = torch.randint(2 * shift + 1, (count, 2)).tolist()
     anchors, positives = [], []
     for i, y, x, k, flip, (dy, dx) in zip(index, ys, xs, turns, flips, offsets):
@@ -357,7 +390,8 @@ def sample_patch_pairs(images: torch.Tensor, patch_size: int, count: int) -> tup
     gain = 1 + 0.1 * (2 * torch.rand(count, 1, 1, 1, device=images.device) - 1)
     offset = 0.1 * (2 * torch.rand(count, 1, 1, 1, device=images.device) - 1)
     positives = positives * gain + offset + 0.05 * torch.randn_like(positives)
-    return torch.stack(anchors), positives
+    centres = torch.tensor([index, ys, xs], dtype=torch.float32).T + torch.tensor([0.0, side / 2, side / 2])
+    return torch.stack(anchors), positives, centres
 
 
 def border_fair_offsets(length: int, crop: int, count: int) -> list[int]:
@@ -421,17 +455,25 @@ class USConfig(HardLossConfig):
     teacher_batch_size: int = 64  # patches per step of the patch teacher's distillation
     teacher_lr: float = 2e-4  # the patch teacher's Adam learning rate
     teacher_weight_decay: float = 1e-5  # the patch teacher's
-    distill_size: int | None = None  # side the patches are resized to for the backbone; None: p rounded to 32
+    # What the patch teacher learns to describe: "patch" (the paper: the backbone run on the patch alone,
+    # resized to ``distill_size``) or "image" (the backbone's stride-8 and stride-16 features of the whole
+    # image, 3×3-averaged, at the patch's centre: what ``teacher_knn`` reads)
+    distill_target: str = "patch"
+    distill_size: int | None = None  # "patch": side the patches are resized to; None: p rounded to 32
     kd_weight: float = 1.0  # the patch teacher's loss: matching the backbone's features
-    compact_weight: float = 1.0  # the patch teacher's loss: decorrelated descriptor channels
-    metric_weight: float = 1.0  # the patch teacher's loss: the triplet term
+    # The patch teacher's loss: decorrelated descriptor channels and the triplet term. With both on, the
+    # descriptors collapse and explain none of the backbone; 0 for both learns it (module notes).
+    compact_weight: float = 1.0
+    metric_weight: float = 1.0
+    standardize_targets: bool = False  # the patch teacher matches its targets z-scored per dimension
     triplet_margin: float = 1.0  # margin of that triplet term
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
     map_normalization: str = "none"  # the z-scores above already are per position
     # The students' loss averages the worst-matched share of each scale's positions; 1, the paper's plain mean,
     # stays the default: the hard loss that lifted the other students left US unchanged (module notes).
     hard_fraction: float = 1.0
-    legacy_defaults: ClassVar[dict] = {**HardLossConfig.legacy_defaults, "hard_fraction": 1.0}
+    legacy_defaults: ClassVar[dict] = {**HardLossConfig.legacy_defaults, "hard_fraction": 1.0,
+                                       "distill_target": "patch"}
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -465,6 +507,8 @@ class USConfig(HardLossConfig):
         if not isinstance(self.dense_size, int) or not needed <= self.dense_size <= self.size:
             raise ValueError(f"dense_size must be an integer between {needed} (for patch sizes "
                              f"{self.patch_sizes}) and size={self.size}, got {self.dense_size!r}")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise ValueError(f"distill_target must be one of {sorted(DISTILL_TARGETS)}, got {self.distill_target!r}")
         if self.standardize not in STANDARDIZE_MODES:
             raise ValueError(f"standardize must be one of {STANDARDIZE_MODES}, got {self.standardize!r}")
         if not self.width > 0:
@@ -497,7 +541,7 @@ class UninformedStudents(AnomalyMethod):
         self._teacher_info: dict = {}
 
     def teacher_strides(self) -> tuple[int, ...]:
-        return (16, 32)
+        return DISTILL_TARGETS[self.config.distill_target]
 
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
@@ -525,14 +569,22 @@ class UninformedStudents(AnomalyMethod):
         """Distil each receptive field's teacher, then fit the descriptor standardisation on the training set."""
         images = self._dense_images(train_images)
         start = time.perf_counter()
+        embeddings = self._image_embeddings(train_images) if self.config.distill_target == "image" else None
         info = {}
         for scale in self.net.scales:
-            info[f"p{scale.teacher.patch_size}"] = self._distil_teacher(scale, images)
+            info[f"p{scale.teacher.patch_size}"] = self._distil_teacher(scale, images, embeddings)
             scale.freeze_teacher()
         self._fit_descriptor_stats(images)
         self._teacher_info = {"seconds": round(time.perf_counter() - start, 3), **info}
 
-    def _distil_teacher(self, scale: ScaleEnsemble, images: torch.Tensor) -> dict:
+    @torch.no_grad()
+    def _image_embeddings(self, train_images: torch.Tensor) -> torch.Tensor:
+        """The backbone's local-context embedding of every training image, kept in float16 (N×C×h×w)."""
+        with self._autocast():
+            return torch.cat([local_context_embedding(self.net.backbone(self._normalize(chunk))).half()
+                              for chunk in train_images.split(32)])
+
+    def _distil_teacher(self, scale: ScaleEnsemble, images: torch.Tensor, embeddings: torch.Tensor | None) -> dict:
         c = self.config
         trainable = list(scale.teacher.parameters()) + list(scale.decoder.parameters())
         optimizer = torch.optim.Adam(trainable, lr=c.teacher_lr, weight_decay=c.teacher_weight_decay)
@@ -541,12 +593,26 @@ class UninformedStudents(AnomalyMethod):
         patch_size = scale.teacher.patch_size
         # About the patch's own resolution: the backbone neither invents detail nor loses it.
         distill_size = c.distill_size or max(32, 32 * round(patch_size / 32))
+
+        def sample(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # A patch turned or flipped has no whole-image features to match, so "image" keeps them upright.
+            anchors, positives, centres = sample_patch_pairs(images, patch_size, count, rotate=embeddings is None)
+            if embeddings is None:
+                return anchors, positives, backbone_descriptor(self.net.backbone, anchors, distill_size)
+            return anchors, positives, image_descriptor(embeddings, centres, images.shape[-2:])
+
+        # With ``standardize_targets``, per-dimension statistics keep a few large backbone channels from
+        # dominating the loss.
+        target_offset, target_std = 0.0, 1.0
+        if c.standardize_targets:
+            _, _, probe_targets = sample(TARGET_PROBE_PATCHES)
+            target_offset, target_std = probe_targets.mean(dim=0), probe_targets.std(dim=0).clamp_min(MIN_STD)
         loss, step = float("nan"), 0
         for step in range(1, c.teacher_steps + 1):
-            anchors, positives = sample_patch_pairs(images, patch_size, c.teacher_batch_size)
-            targets = backbone_descriptor(self.net.backbone, anchors, distill_size)
+            anchors, positives, targets = sample(c.teacher_batch_size)
             with self._autocast():
-                batch_loss = teacher_loss(scale, anchors, positives, targets, weights, c.triplet_margin)
+                batch_loss = teacher_loss(scale, anchors, positives, (targets - target_offset) / target_std,
+                                          weights, c.triplet_margin)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             optimizer.step()
@@ -555,7 +621,14 @@ class UninformedStudents(AnomalyMethod):
                 log.info("teacher p=%d: step %d/%d, loss %.4g", scale.teacher.patch_size, step, c.teacher_steps, loss)
             if self._should_stop is not None and self._should_stop():
                 break
-        return {"steps": step, "loss": loss}
+        # How much of the targets' variance the descriptors explain on fresh patches (near 0: the teacher has
+        # learnt nothing of its backbone, as with the collapse the module notes describe).
+        # Drawn aside (``fork_rng``) so that measuring leaves the students' random stream as it was.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            probe_anchors, _, probe_targets = sample(TARGET_PROBE_PATCHES)
+            residual = scale.decoder(scale.teacher(probe_anchors)).float() * target_std + target_offset - probe_targets
+            r2 = 1 - float(residual.pow(2).sum() / (probe_targets - probe_targets.mean(dim=0)).pow(2).sum())
+        return {"steps": step, "loss": loss, "r2": round(r2, 4)}
 
     @torch.no_grad()
     def _fit_descriptor_stats(self, images: torch.Tensor) -> None:
