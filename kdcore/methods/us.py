@@ -461,10 +461,10 @@ class USConfig(HardLossConfig):
     distill_target: str = "patch"
     distill_size: int | None = None  # "patch": side the patches are resized to; None: p rounded to 32
     kd_weight: float = 1.0  # the patch teacher's loss: matching the backbone's features
-    # The patch teacher's loss: decorrelated descriptor channels and the triplet term. With both on, the
-    # descriptors collapse and explain none of the backbone; 0 for both learns it (module notes).
+    # The patch teacher's loss: decorrelated descriptor channels (with it on, the descriptors collapsed and
+    # explained none of the backbone; 0 learns it, module notes)
     compact_weight: float = 1.0
-    metric_weight: float = 1.0
+    metric_weight: float = 1.0  # the patch teacher's loss: the triplet term
     standardize_targets: bool = False  # the patch teacher matches its targets z-scored per dimension
     triplet_margin: float = 1.0  # margin of that triplet term
     standardize: str = "position"  # "global" (the paper) or "position": how error and variance are z-scored
