@@ -67,7 +67,6 @@ def test_patch_teacher_learns_its_backbone_target_only_without_the_compactness_a
     # With those terms the descriptors collapse to decorrelated noise (r2 near 0 at every budget), which the
     # module notes measure; ``r2`` in the training info is what shows it.
     root = synthetic.make_dataset(tmp_path / "synthetic", size=SIZE)
-    torch.manual_seed(0)
     fitted = {}
     for terms in (1.0, 0.0):
         torch.manual_seed(0)

@@ -30,8 +30,9 @@ compact_weight·L_c`` on batches of ``teacher_batch_size`` patches, Adam (2e-4, 
   32, about its own resolution), each level average-pooled and the two concatenated (for EfficientNet-Lite0
   112+320 = 432 values; the paper used ResNet-18's 512-d pooled output). With ``distill_target="image"`` P(p)
   is instead the backbone's stride-8 and stride-16 features of the whole image, 3×3-averaged (what
-  ``teacher_knn`` reads), at the patch's centre; patches then stay upright. Targets are standardised per
-  dimension (mean and std of 1024 probe patches), so that no few large channels dominate the loss.
+  ``teacher_knn`` reads), at the patch's centre; patches then stay upright. With ``standardize_targets`` the
+  targets are z-scored per dimension (mean and std of 1024 probe patches), so that no few large channels
+  dominate the loss.
 - L_c: sum of the squared off-diagonal entries of the descriptor dimensions' correlation matrix over the batch.
 - L_m: triplet loss ``max(0, margin + δ+ - δ-)``, δ+ the squared distance from a patch to a positive (the same
   place shifted by up to p//16 pixels, with luminance jitter and Gaussian noise), δ- the smaller squared
