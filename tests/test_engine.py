@@ -273,8 +273,9 @@ def test_hard_loss_averages_the_worst_matched_positions(dataset, tmp_path, name)
 def test_stpm_map_multiplies_the_chosen_levels_and_old_files_keep_all_three(fitted, tmp_path):
     method = fitted["stpm"]
     assert method.config.map_strides == (4, 8, 16) and method.net.map_levels == (0, 1, 2)  # below 256 px: all three
-    assert kdcore.create_method("stpm", size=256).config.map_strides == (8, 16)
-    assert kdcore.create_method("stpm", size=512, map_strides=[4, 8, 16]).config.map_strides == (4, 8, 16)
+    from_256 = kdcore.create_method("stpm", size=256)
+    assert from_256.config.map_strides == (8, 16, 32) and from_256.teacher_strides() == (4, 8, 16, 32)
+    assert kdcore.create_method("stpm", size=512, map_strides=[4, 8, 16]).teacher_strides() == (4, 8, 16)
     x = torch.randn(2, 3, 64, 64)
     method.net.eval()
     with torch.no_grad():
@@ -297,8 +298,28 @@ def test_stpm_map_multiplies_the_chosen_levels_and_old_files_keep_all_three(fitt
     torch.save(payload, tmp_path / "old_256.pt")
     old = kdcore.load(tmp_path / "old_256.pt")  # trained before the denoising student and the size rule
     assert old.net.map_levels == (0, 1, 2) and old.config.denoise is False and old.config.relight_prob == 0.0
+    payload["config"].update(map_strides=[8, 16], denoise=True, relight_prob=0.33)
+    torch.save(payload, tmp_path / "two_levels_256.pt")
+    two_levels_file = kdcore.load(tmp_path / "two_levels_256.pt")  # the defaults before the stride-32 level
+    assert two_levels_file.teacher_strides() == (4, 8, 16) and two_levels_file.net.map_levels == (1, 2)
     with pytest.raises(ValueError, match="map_strides"):
-        kdcore.create_method("stpm", map_strides=(32,))
+        kdcore.create_method("stpm", map_strides=(64,))
+
+
+def test_stpm_learns_a_coarser_level_where_its_map_reads_it(fitted):
+    coarse = kdcore.create_method("stpm", map_strides=(32, 8, 16), **TINY)
+    coarse._build("default")
+    assert coarse.net.teacher.strides == (4, 8, 16, 32) and coarse.net.map_levels == (1, 2, 3)
+    x = torch.randn(2, 3, 64, 64)
+    coarse.net.eval()
+    with torch.no_grad():
+        distances = coarse.net.level_distances(x)
+        assert [d.shape[-1] for d in distances] == [16, 8, 4, 2]
+        torch.testing.assert_close(coarse.net.anomaly_map(x), fuse_levels(distances[1:], 64, mode="product"))
+        # The loss matches every distilled level, the stride-32 one included.
+        loss = float(coarse.net.loss(x))
+        coarse.net.student.load_state_dict(coarse.net.teacher.net.state_dict())
+        assert float(coarse.net.loss(x)) < 1e-6 < loss
 
 
 def test_gaussian_blur_matches_scipy():

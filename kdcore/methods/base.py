@@ -124,18 +124,18 @@ class HardLossConfig(MethodConfig):
 TEACHER_STRIDES = (4, 8, 16)  # the levels the feature-matching students distil (``teacher_strides``)
 
 
-def checked_map_strides(map_strides) -> tuple[int, ...]:
-    """``map_strides`` as a sorted tuple, or a clear error where it names no level or one the teacher lacks."""
+def checked_map_strides(map_strides, choices: tuple[int, ...] = TEACHER_STRIDES) -> tuple[int, ...]:
+    """``map_strides`` as a sorted tuple, or a clear error where it names no level or one not in ``choices``."""
     strides = (map_strides,) if isinstance(map_strides, int) else tuple(map_strides)
-    if not strides or not set(strides) <= set(TEACHER_STRIDES):
-        raise ValueError(f"map_strides must be one or more of the teacher's strides {TEACHER_STRIDES}, "
+    if not strides or not set(strides) <= set(choices):
+        raise ValueError(f"map_strides must be one or more of the teacher's strides {choices}, "
                          f"got {map_strides!r}")
     return tuple(sorted(set(strides)))
 
 
-def map_level_indices(map_strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Indices of ``map_strides`` among the teacher's levels."""
-    return tuple(TEACHER_STRIDES.index(stride) for stride in map_strides)
+def map_level_indices(map_strides: tuple[int, ...], strides: tuple[int, ...] = TEACHER_STRIDES) -> tuple[int, ...]:
+    """Indices of ``map_strides`` among the distilled levels ``strides``."""
+    return tuple(strides.index(stride) for stride in map_strides)
 
 
 @dataclass
@@ -145,10 +145,12 @@ class MapStridesConfig(MethodConfig):
     # The teacher strides whose levels make the map (the method's notes); the papers' maps use all three. Every
     # level is still trained.
     map_strides: tuple[int, ...] = (8, 16)
+    # The strides ``map_strides`` may name: those the student distils.
+    map_stride_choices: ClassVar[tuple[int, ...]] = TEACHER_STRIDES
 
     def validate(self) -> None:
         super().validate()
-        self.map_strides = checked_map_strides(self.map_strides)
+        self.map_strides = checked_map_strides(self.map_strides, self.map_stride_choices)
 
 
 @dataclass(frozen=True)
