@@ -34,8 +34,8 @@ Departures, with what was measured (magnetic_tile, 256², seed 0, 2-core CPU):
 - Denoising student (``denoise=True``, ``kdcore.methods.denoising``, DeSTSeg's) with relit defects
   (``relight_prob=0.33``, RD's): every step the student also gives the teacher's features of each clean image
   from a copy with synthetic defects, a third of them a brightness change over the region.
-- Map levels (``map_strides``): from 256 px up the map multiplies the stride-8 and stride-16 levels only (every
-  level is still trained), as RD's does: Lite0's stride-4 level is fine texture a student misses on busy normal
+- Map levels (``map_strides``): from 256 px up the map leaves out the stride-4 level (it is still trained), as
+  RD's does, and adds a coarser one (next item): Lite0's stride-4 level is fine texture a student misses on busy normal
   surface and reproduces on smooth defects. Below 256 px all three: there stride 16 is a grid of under 16 cells,
   whose maxima on unseen good images exceed the hold-out's. On the tests' 64-px synthetic set (hold-out of 4
   images) the two-level map's threshold called 6 of 8 good test images defective after 12 epochs (image AUROC
@@ -53,7 +53,7 @@ Departures, with what was measured (magnetic_tile, 256², seed 0, 2-core CPU):
   0.745; pixels of ``uneven`` 0.710, their localisation 0.643 against 0.545; F1-max 0.847; 10.5 minutes, 62 images
   a second against 84), (16, 32) 0.832 / 0.769 / 0.623, (32) 0.768 / 0.750 / 0.477, all four 0.825 / 0.741 /
   0.704; elpv 0.925 → 0.931 (12 epochs, F1-max 0.883). So pixel AUROC gains 0.07 and AU-PRO loses 0.02 (not
-  diagnosed; a stride-32 cell is 32 px wide, wider than most blowholes and cracks).
+  diagnosed).
 - Epochs: 8 on a CPU (a denoising step costs two plain ones; about 13 minutes on 2 cores at 256²), 100 on a GPU
   (the official code's default).
 
