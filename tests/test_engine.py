@@ -100,7 +100,7 @@ def test_registry_lists_and_validates():
         kdcore.create_method("stpm", epochs=0)
     with pytest.raises(ValueError, match="lr"):
         kdcore.create_method("rd", lr=-1.0)
-    for strides in ((), (2, 8), (32,)):
+    for strides in ((), (2, 8), (64,)):
         with pytest.raises(ValueError, match="map_strides must be one or more of the teacher's strides"):
             kdcore.create_method("dskd", map_strides=strides)
     assert kdcore.create_method("rd", map_strides=[16, 8, 16]).config.map_strides == (8, 16)
@@ -364,6 +364,59 @@ def test_rd_levels_count_in_units_of_their_holdout_variation(fitted, dataset):
         assert method.config.map_strides == (8, 16)
         expected = net.blur(sum(levels[i] / std[0, i] for i in (1, 2)))
         torch.testing.assert_close(net.anomaly_map(x), expected)
+
+
+def test_rd_rebuilds_a_coarser_level_from_its_bottleneck_where_its_map_reads_it(fitted, tmp_path):
+    assert fitted["rd"].config.map_strides == (8, 16) and fitted["rd"].net.coarse is None  # below 256 px
+    from_256 = kdcore.create_method("rd", size=256)
+    assert from_256.config.map_strides == (8, 16, 32) and from_256.teacher_strides() == (4, 8, 16, 32)
+    # The segmentation head then reads the stride-32 level beside the student's, with no second extractor.
+    assert kdcore.create_method("rd", size=256, segment_steps=1).network_options()["segmentation_context_strides"] == ()
+    assert kdcore.create_method("rd", size=256, map_strides=[8, 16]).network_options()[
+        "segmentation_context_strides"] == (32,)
+    coarse = kdcore.create_method("rd", map_strides=(32, 8, 16), **TINY)
+    coarse._build("default")
+    net = coarse.net.eval()
+    assert net.teacher.strides == (4, 8, 16, 32) and net.map_levels == (1, 2, 3) and net.level_scale.std.shape == (1, 4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        teacher_features, student_features = net.features(x)
+        assert [s.shape for s in student_features] == [t.shape for t in teacher_features]
+        distances = net.student_level_distances(x)[0]
+        expected = net.blur(sum(upsample(distances[i], 64, align_corners=True) for i in (1, 2, 3)))
+        torch.testing.assert_close(net.anomaly_map(x), expected)
+    # The loss covers the stride-32 level, which only the coarse head produces.
+    net.train()
+    net.loss(x).backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.coarse.parameters())
+    # Files saved before the level existed, at 256 px with the two-level map, load with three levels.
+    payload = torch.load(fitted["rd"].save(tmp_path / "rd.pt"), weights_only=True)
+    payload["config"].update(size=256, map_strides=[8, 16])
+    torch.save(payload, tmp_path / "two_levels_256.pt")
+    old = kdcore.load(tmp_path / "two_levels_256.pt")
+    assert old.teacher_strides() == (4, 8, 16) and old.net.coarse is None and old.net.map_levels == (1, 2)
+    with pytest.raises(ValueError, match="map_strides"):
+        kdcore.create_method("rd", map_strides=(8, 64))
+
+
+@pytest.mark.parametrize("name", ["dskd", "rd_expert"])
+def test_other_reverse_students_rebuild_the_coarser_level_as_an_option(name, dataset, tmp_path):
+    assert kdcore.create_method(name, size=256).config.map_strides == (8, 16)  # not measured as their default
+    method = kdcore.create_method(name, map_strides=[8, 16, 32], epochs=1, **TINY)
+    method._build("default")
+    net = method.net.train()
+    coarse = net.coarse if name == "dskd" else net.student.coarse
+    x = torch.randn(2, 3, 64, 64)
+    distances = net.student_level_distances(x)
+    assert all([d.shape[-1] for d in student] == [16, 8, 4, 2] for student in distances)
+    sum(student[3].mean() for student in distances).backward()  # the stride-32 level is the coarse head's
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in coarse.parameters())
+    method.fit(dataset)
+    x = method.preprocess_paths([sample.path for sample in dataset.test[:4]])
+    maps, scores = method.predict(x)
+    loaded = kdcore.load(method.save(tmp_path / "model.pt"))
+    assert loaded.teacher_strides() == (4, 8, 16, 32) and loaded.net.map_levels == (1, 2, 3)
+    np.testing.assert_array_equal(loaded.predict(x)[0], maps)
 
 
 def test_epochs_default_per_device():

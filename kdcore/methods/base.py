@@ -133,6 +133,25 @@ def checked_map_strides(map_strides, choices: tuple[int, ...] = TEACHER_STRIDES)
     return tuple(sorted(set(strides)))
 
 
+# The levels a student may learn: the three above and the teacher's stride-32 level, which STPM and RD add where
+# their map reads it (their notes).
+DISTILLABLE_STRIDES = (*TEACHER_STRIDES, 32)
+# From this input size up STPM's and RD's default maps read the stride-32 level: stride 32 is then a grid of 8+
+# cells (at 64 px it would be 2×2).
+COARSE_MAP_MIN_SIZE = 256
+
+
+def coarse_map_strides(size: int, below: tuple[int, ...]) -> tuple[int, ...]:
+    """A default ``map_strides`` for square inputs of side ``size``: (8, 16, 32) from ``COARSE_MAP_MIN_SIZE`` up,
+    else ``below``."""
+    return (8, 16, 32) if size >= COARSE_MAP_MIN_SIZE else below
+
+
+def distilled_strides(map_strides: tuple[int, ...]) -> tuple[int, ...]:
+    """The levels a student learns: the papers' three, and any coarser level the map reads."""
+    return tuple(sorted(set(TEACHER_STRIDES) | set(map_strides)))
+
+
 def map_level_indices(map_strides: tuple[int, ...], strides: tuple[int, ...] = TEACHER_STRIDES) -> tuple[int, ...]:
     """Indices of ``map_strides`` among the distilled levels ``strides``."""
     return tuple(strides.index(stride) for stride in map_strides)

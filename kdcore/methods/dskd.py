@@ -69,9 +69,10 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.base import HardLossConfig
-from kdcore.methods.rd import (OCBE, LevelScale, RDFamily, RDFamilyConfig, ReverseDecoder, conv_bn_relu,
-                               pyramid_matching_loss, rd_level_distances, students_anomaly_map)
+from kdcore.methods.base import TEACHER_STRIDES, HardLossConfig
+from kdcore.methods.rd import (OCBE, LevelScale, RDFamily, RDFamilyConfig, ReverseDecoder, coarse_level_head,
+                               conv_bn_relu, pyramid_matching_loss, rd_level_distances, students_anomaly_map,
+                               with_coarse_level)
 from kdcore.ops import GaussianBlur
 from kdcore.registry import register_method
 
@@ -100,9 +101,12 @@ class DSKDNetwork(nn.Module):
         self.hard_fraction = hard_fraction
         self.map_levels = map_levels
         self.forward_student = create_feature_net(teacher.name, teacher.strides)
-        self.embedding = DFEmbedding(teacher.channels, bottleneck_blocks)
-        self.reverse_student = ReverseDecoder(teacher.channels, self.embedding.out_channels, decoder_blocks,
-                                              linear_heads)
+        # The embedding and Sd's decoder read and rebuild the paper's three levels; a coarser distilled level
+        # (stride 32, where the map reads it) comes from the embedding through RD's coarse head.
+        paper_levels = teacher.channels[:len(TEACHER_STRIDES)]
+        self.embedding = DFEmbedding(paper_levels, bottleneck_blocks)
+        self.reverse_student = ReverseDecoder(paper_levels, self.embedding.out_channels, decoder_blocks, linear_heads)
+        self.coarse = coarse_level_head(teacher.channels, self.embedding.out_channels, decoder_blocks)
         self.blur = GaussianBlur(sigma=4.0)
         self.level_scale = LevelScale(2, len(teacher.channels)) if standardize_levels else None
         self.size = size
@@ -115,7 +119,9 @@ class DSKDNetwork(nn.Module):
             with torch.no_grad():
                 teacher_features = self.teacher(x)
         forward_features = self.forward_student(x)
-        reverse_features = self.reverse_student(self.embedding(teacher_features, forward_features[-1]))
+        paper = len(TEACHER_STRIDES)
+        embedding = self.embedding(teacher_features[:paper], forward_features[paper - 1])
+        reverse_features = with_coarse_level(self.reverse_student(embedding), self.coarse, embedding)
         return teacher_features, forward_features, reverse_features
 
     def loss(self, x: torch.Tensor, defective: torch.Tensor | None = None,
@@ -146,6 +152,8 @@ class DSKDConfig(HardLossConfig, RDFamilyConfig):
     students."""
 
     lr: float = 0.002
+    # As RD's, but (8, 16) at every size: the stride-32 level is an option here, not measured for DSKD yet.
+    map_strides: tuple[int, ...] | None = (8, 16)
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "hard_fraction": 1.0}
 
 

@@ -82,10 +82,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.backbones import Backbone
-from kdcore.methods.base import HardLossConfig, map_level_indices
+from kdcore.methods.base import TEACHER_STRIDES, HardLossConfig, distilled_strides, map_level_indices
 from kdcore.methods.denoising import DenoisingMethod
-from kdcore.methods.rd import (OCBE, LevelScale, RDFamilyConfig, ReverseDecoder, conv_bn_relu, fit_level_scale,
-                               lr_schedulers, rd_level_distances, rd_loss, students_anomaly_map)
+from kdcore.methods.rd import (OCBE, LevelScale, RDFamilyConfig, ReverseDecoder, coarse_level_head, conv_bn_relu,
+                               fit_level_scale, lr_schedulers, rd_level_distances, rd_loss, students_anomaly_map,
+                               with_coarse_level)
 from kdcore.ops import GaussianBlur, cosine_distance_map
 from kdcore.registry import register_method
 
@@ -123,17 +124,20 @@ class GuidedSkipFusion(nn.Module):
 class SkipStudent(nn.Module):
     """RD student (OCBE + reverse decoder) with guided skips from the teacher into the two shallower stages."""
 
-    def __init__(self, channels: tuple[int, int, int], bottleneck_blocks: int, decoder_blocks: int,
+    def __init__(self, channels: tuple[int, ...], bottleneck_blocks: int, decoder_blocks: int,
                  linear_heads: bool = True):
         super().__init__()
-        self.bottleneck = OCBE(channels, bottleneck_blocks)
-        self.decoder = ReverseDecoder(channels, self.bottleneck.out_channels, decoder_blocks, linear_heads)
+        paper_levels = channels[:len(TEACHER_STRIDES)]  # a coarser level comes from RD's coarse head
+        self.bottleneck = OCBE(paper_levels, bottleneck_blocks)
+        self.decoder = ReverseDecoder(paper_levels, self.bottleneck.out_channels, decoder_blocks, linear_heads)
+        self.coarse = coarse_level_head(channels, self.bottleneck.out_channels, decoder_blocks)
         # Fusion i follows decoder stage i, which outputs teacher level 2 - i.
         self.fusions = nn.ModuleList([GuidedSkipFusion(channels[1], channels[2]),
                                       GuidedSkipFusion(channels[0], channels[1])])
 
     def forward(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
-        x = self.bottleneck(teacher_features)
+        teacher_features = teacher_features[:len(TEACHER_STRIDES)]
+        x = embedding = self.bottleneck(teacher_features)
         outputs = []
         for depth, (stage, head) in enumerate(zip(self.decoder.stages, self.decoder.heads)):
             x = stage(x)
@@ -141,7 +145,7 @@ class SkipStudent(nn.Module):
             if depth < len(self.fusions):
                 level = len(teacher_features) - 1 - depth
                 x = self.fusions[depth](x, teacher_features[level], teacher_features[level - 1])
-        return outputs[::-1]
+        return with_coarse_level(outputs[::-1], self.coarse, embedding)
 
 
 class RDExpertNetwork(nn.Module):
@@ -150,8 +154,8 @@ class RDExpertNetwork(nn.Module):
                  map_levels: tuple[int, ...] | None = None):
         super().__init__()
         self.map_levels = map_levels
-        if len(expert.channels) != 3:
-            raise ValueError(f"rd_expert needs exactly three teacher levels, got {len(expert.channels)}")
+        if len(expert.channels) < len(TEACHER_STRIDES):
+            raise ValueError(f"rd_expert needs at least three teacher levels, got {len(expert.channels)}")
         self.expert = expert
         # A Backbone copy keeps Backbone.train(), which holds BatchNorm in eval mode: see the module notes.
         self.teacher = copy.deepcopy(expert).requires_grad_(True)
@@ -203,6 +207,8 @@ class RDExpertConfig(HardLossConfig, RDFamilyConfig):
     # The rate decays to zero along half a cosine (module notes): URD keeps its last epoch, which must be a
     # settled one. "constant" is the official code's.
     lr_schedule: str = "cosine"
+    # As RD's, but (8, 16) at every size: the stride-32 level is an option here, not measured for URD yet.
+    map_strides: tuple[int, ...] | None = (8, 16)
     legacy_defaults: ClassVar[dict] = {**RDFamilyConfig.legacy_defaults, "denoise": True, "hard_fraction": 1.0,
                                        "lr_schedule": "constant"}
 
@@ -233,7 +239,10 @@ class RDExpert(DenoisingMethod):
     def build_network(self, backbone: Backbone) -> nn.Module:
         c = self.config
         return RDExpertNetwork(backbone, c.size, c.bottleneck_blocks, c.decoder_blocks, c.linear_heads,
-                               c.standardize_levels, map_level_indices(c.map_strides))
+                               c.standardize_levels, map_level_indices(c.map_strides, backbone.strides))
+
+    def teacher_strides(self) -> tuple[int, ...]:
+        return distilled_strides(self.config.map_strides)
 
     def finish_training(self, holdout_images: torch.Tensor) -> None:
         super().finish_training(holdout_images)

@@ -79,7 +79,8 @@ import torch
 from torch import nn
 
 from kdcore.backbones import Backbone, create_feature_net
-from kdcore.methods.base import TEACHER_STRIDES, HardLossConfig, MapStridesConfig, map_level_indices
+from kdcore.methods.base import (DISTILLABLE_STRIDES, TEACHER_STRIDES, HardLossConfig, MapStridesConfig,
+                                 coarse_map_strides, distilled_strides, map_level_indices)
 from kdcore.methods.denoising import DenoisingConfig, DenoisingMethod
 from kdcore.ops import fuse_levels, hardest_mean, normalized_sq_distance_map
 from kdcore.registry import register_method
@@ -118,21 +119,6 @@ class STPMNetwork(nn.Module):
 
 
 OPTIMIZERS = ("adam", "sgd")
-# From this input size up the map leaves out the stride-4 level and adds the stride-32 one (module notes): stride
-# 16 is then a grid of 16+ cells, stride 32 of 8+.
-COARSE_MAP_MIN_SIZE = 256
-# The levels STPM's student may distil: the paper's three and the teacher's stride-32 level.
-STPM_STRIDES = (*TEACHER_STRIDES, 32)
-
-
-def map_strides_for_size(size: int) -> tuple[int, ...]:
-    """STPM's default ``map_strides`` for square inputs of side ``size``."""
-    return (8, 16, 32) if size >= COARSE_MAP_MIN_SIZE else TEACHER_STRIDES
-
-
-def distilled_strides(map_strides: tuple[int, ...]) -> tuple[int, ...]:
-    """The levels the student learns: the paper's three, and any coarser level the map reads."""
-    return tuple(sorted(set(TEACHER_STRIDES) | set(map_strides)))
 
 
 @dataclass
@@ -151,13 +137,13 @@ class STPMConfig(HardLossConfig, MapStridesConfig, DenoisingConfig):
     # reads it); None: by input size, (8, 16, 32) from 256 px up, (4, 8, 16) below (module notes). The paper's map
     # uses 4, 8 and 16.
     map_strides: tuple[int, ...] | None = None
-    map_stride_choices: ClassVar[tuple[int, ...]] = STPM_STRIDES
+    map_stride_choices: ClassVar[tuple[int, ...]] = DISTILLABLE_STRIDES
     legacy_defaults: ClassVar[dict] = {**DenoisingConfig.legacy_defaults, "optimizer": "sgd", "hard_fraction": 1.0,
                                        "denoise": False, "relight_prob": 0.0, "map_strides": TEACHER_STRIDES}
 
     def validate(self) -> None:
         if self.map_strides is None:
-            self.map_strides = map_strides_for_size(self.size)
+            self.map_strides = coarse_map_strides(self.size, below=TEACHER_STRIDES)
         super().validate()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
