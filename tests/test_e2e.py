@@ -112,6 +112,21 @@ def open_from_sidebar(page, title: str) -> None:
     wait_idle(page)
 
 
+def open_expander(page, label: str, attempts: int = 3) -> None:
+    """Open the expander titled ``label`` and keep it open: a rerun that lands just after the click (the job
+    panel's last poll, under CPU load) can render it closed again, so click until it stays open."""
+    details = page.get_by_test_id("stExpander").filter(has_text=label).first.locator("details")
+    for _ in range(attempts):
+        if details.get_attribute("open") is None:
+            details.locator("summary").click()
+        wait_idle(page)
+        page.wait_for_timeout(500)  # a rerun already on its way starts within this
+        wait_idle(page)
+        if details.get_attribute("open") is not None:
+            return
+    raise AssertionError(f"the expander {label!r} does not stay open")
+
+
 def wait_images_loaded(page) -> None:
     page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stImage] img')]"
                            ".every(img => img.complete && img.naturalWidth > 0)")
@@ -188,7 +203,7 @@ def test_create_upload_train_and_find_the_model(app, page, tmp_path):
     done.wait_for(timeout=TRAINING_TIMEOUT_MS)
     seconds = time.monotonic() - started
     wait_idle(page)
-    page.get_by_text("Loss curve and log").click()  # open it, to see the chart in the screenshot
+    open_expander(page, "Loss curve and log")  # to see the chart in the screenshot
     page.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
     page.wait_for_timeout(1000)  # the expander's opening animation
     screenshot(page, "4-train-done")
