@@ -67,9 +67,17 @@ normal surface to a receptive field of stride 16; the stride-32 level sees most 
 crack 0.951, fray 0.943, uneven 0.969; pixels 0.986 / 0.985 / 0.928 / 0.991 / 0.861, ``uneven`` 0.653 before and
 0.818 for the reference ``teacher_knn``; ``uneven`` localisation 0.517 → 0.675). So RD is above the reference on
 image AUROC and on ``uneven``'s pixels, 0.011 below it on pixel AUROC overall, and loses 0.042 AU-PRO, as STPM's
-map did with the same level (not diagnosed). The same trained network with the map from (8, 16) (hold-out
-normalisation refitted, throwaway run) read 0.963 / 0.696 / 0.693: learning the level changes the finer ones
-little, reading it makes the gain. On elpv (``--data elpv_mono``) 0.945 → 0.956, F1-max 0.897 → 0.907 (all-NG
+map did with the same level. Why, from the same trained network's levels recombined (hold-out normalisation
+refitted per map; throwaway script): the level trades small regions for large ones. Localisation (defect
+pixels against the same images' others) of blowhole 0.985 → 0.966 and ``uneven`` 0.506 → 0.668 with the level;
+AU-PRO averages over regions, most of them small (blowholes, cracks), so it follows the small ones, and pixel
+AUROC, 72 % ``uneven`` pixels, the large one. Every other combination sat on the same trade-off line (image /
+pixel AUROC / AU-PRO): (8, 16) 0.963 / 0.695 / 0.693; half weight on the level 0.971 / 0.773 / 0.675; levels
+multiplied 0.971 / 0.769 / 0.689; (16, 32) 0.969 / 0.809 / 0.616; the level alone 0.952 / 0.802 / 0.538; the
+per-level z-scored maps' maximum 0.963 / 0.805 / 0.585, their log-sum-exp 0.966 / 0.805 / 0.594; blur σ 2 or 8
+instead of 4: 0.968 / 0.792 / 0.658, 0.969 / 0.797 / 0.634. None gains pixel AUROC and AU-PRO together, so the
+sum stays. The map from (8, 16) shows that learning the level changes the finer ones little: reading it makes
+the gain. On elpv (``--data elpv_mono``) 0.945 → 0.956, F1-max 0.897 → 0.907 (all-NG
 0.769; reference 0.958). The head adds 3.6M parameters to the student's 2.9M with Lite0, and 0.23 GMAC an image at
 256² to its 0.45 (the teacher: 0.48; it runs on the 8×8 grid); quiet epochs took 38-43 s on a 2-core AMD EPYC
 without AMX; with a ResNet teacher the stride-32 level has 512 (resnet18) or 2048 (wide_resnet50_2) channels, and
