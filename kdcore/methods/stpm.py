@@ -54,8 +54,8 @@ Departures, with what was measured (magnetic_tile, 256², seed 0, 2-core CPU):
   a second against 84), (16, 32) 0.832 / 0.769 / 0.623, (32) 0.768 / 0.750 / 0.477, all four 0.825 / 0.741 /
   0.704; elpv 0.925 → 0.931 (12 epochs, F1-max 0.883). So pixel AUROC gains 0.07 and AU-PRO loses 0.02: the
   coarse level localises large regions better and small ones worse (measured on RD's levels,
-  ``kdcore.methods.rd``). The price grows with the backbone: Lite0's student keeps its size class (62 images/s against 84),
-  but a ResNet's stride-32 stage holds most of its weights (student parameters resnet18 2.8M → 11.2M,
+  ``kdcore.methods.rd``). The price grows with the backbone: Lite0's student keeps its size class (62 images/s
+  against 84), but a ResNet's stride-32 stage holds most of its weights (student parameters resnet18 2.8M → 11.2M,
   wide_resnet50_2 24.9M → 66.8M; not measured for accuracy); ``map_strides=[8, 16]`` keeps three levels.
 - Epochs: 8 on a CPU (a denoising step costs two plain ones; about 13 minutes on 2 cores at 256²), 100 on a GPU
   (the official code's default).
