@@ -572,8 +572,8 @@ class RDConfig(HardLossConfig, RDFamilyConfig):
 
 
 class RDFamily(DenoisingMethod):
-    """What RD and DSKD share around their networks (``network_class``): the map's levels, the hold-out level
-    scale, Adam on everything but the teacher, the schedule."""
+    """What RD, DSKD and URD share around their networks (``network_class``): the map's levels, the hold-out
+    level scale, Adam on everything but the teacher (URD overrides it: its teacher trains), the schedule."""
 
     Config = RDFamilyConfig
     network_class: type[nn.Module]
